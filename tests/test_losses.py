@@ -565,3 +565,19 @@ def test_criterion_float32_under_autocast_with_bf16_inputs():
     for k in want:
         assert got[k].dtype == torch.float32, k
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_criterion_batch_without_any_gt_mask():
+    out = student_outputs(11)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[1, 0] = 255
+    gen = torch.Generator().manual_seed(12)
+    ref_g = torch.randn(2, 3, generator=gen)
+    ref_d = torch.randn(2, 3, 2, 2, generator=gen)
+    losses = CISSCriterion()(out, labels, num_old=0, ref_global=ref_g, ref_dense=ref_d)
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_dice_1"].item() == 0.0
+    assert losses["loss_gpd"].item() == 0.0  # no prototype: GPD is 0, KL included (authors)
+    want_ce = 5.0 * naive_cacp(to_lists(out["pred_logits"]), [[False] * 5] * 2, 0)
+    assert losses["loss_ce"].item() == pytest.approx(want_ce, rel=1e-6)
+    losses["total"].backward()
+    assert out["pred_masks"].grad is None or out["pred_masks"].grad.abs().sum() == 0
