@@ -370,8 +370,8 @@ def gpd_loss(
 ) -> torch.Tensor:
     """Generalization-Preserving Distillation (SPEC 2 ``loss_gpd``).
 
-    ``GPD = sum_k sum_c (<p_k, t_c> - <p_k^R, t_c>)^2 + mean_b KL(softmax(g_b^R T^T) || softmax(g_b T^T))``
-    with prototypes ``p_k`` from the student's and ``p_k^R`` from the reference's dense
+    ``GPD = sum_k sum_c (<p_k, t_c> - <p_k^R, t_c>)^2``
+    ``      + mean_b KL(softmax(g_b^R T^T) || softmax(g_b T^T))``, with prototypes ``p_k`` from the student's and ``p_k^R`` from the reference's dense
     embeddings under the same masks; the KL uses raw cosines (no temperature) and
     ``log(p + 1e-8)`` for the student. Reference tensors and the text are detached.
 
