@@ -1,0 +1,161 @@
+"""The run folder: its layout, tidy CSV tables written atomically, and the run's log.
+
+```
+<run>/config.yaml               the resolved config
+<run>/log.txt                   one line per logged iteration and per evaluation
+<run>/losses.csv                run, preset, step, iter, term, value
+<run>/metrics/summary.csv       run, preset, dataset, setting, mode, seed, step, convention, n_seen, mIoU, ...
+<run>/metrics/per_class.csv     run, preset, step, convention, class_index, class_name, group, step_added, iou
+<run>/metrics/zero_shot.csv     run, preset, step, class_index, class_name, step_added, iou
+<run>/metrics/shift.csv         run, preset, step, class_index, class_name, step_added, seen, text_cos, ...
+<run>/checkpoints/step{t}.pt    weights after step t (+ config, metrics)
+<run>/checkpoints/last.pt       resume point inside the running step (removed when the step ends)
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cisslib.io import atomic_path
+
+LOGGER_NAME = "cisslib"
+
+TABLES: dict[str, tuple[str, ...]] = {
+    "losses": ("run", "preset", "step", "iter", "term", "value"),
+    "summary": (
+        "run", "preset", "dataset", "setting", "mode", "seed", "step", "convention", "n_seen",
+        "mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new",
+    ),
+    "per_class": (
+        "run", "preset", "step", "convention", "class_index", "class_name", "group", "step_added",
+        "iou",
+    ),
+    "zero_shot": ("run", "preset", "step", "class_index", "class_name", "step_added", "iou"),
+    "shift": (
+        "run", "preset", "step", "class_index", "class_name", "step_added", "seen", "text_cos",
+        "drift_cos",
+    ),
+}
+
+
+class RunDir:
+    """Paths of one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step{step}.pt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def reference_prototypes(self) -> Path:
+        return self.checkpoints / "reference_prototypes.pt"
+
+    def table(self, name: str) -> Path:
+        if name == "losses":
+            return self.root / "losses.csv"
+        return self.root / "metrics" / f"{name}.csv"
+
+    def completed_steps(self) -> list[int]:
+        """Steps whose final checkpoint exists, in order."""
+        if not self.checkpoints.is_dir():
+            return []
+        steps = []
+        for p in self.checkpoints.glob("step*.pt"):
+            tail = p.stem[4:]
+            if tail.isdigit():
+                steps.append(int(tail))
+        return sorted(steps)
+
+
+def _fmt(value: object) -> object:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def write_table(path: str | Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """Write a tidy CSV atomically (NaN as empty cells, which pandas reads back as NaN)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a CSV written by :func:`write_table` (values as strings; empty if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Table:
+    """An in-memory tidy table mirrored to its CSV file after every change."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str], enabled: bool = True):
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        self.enabled = enabled
+        self.rows: list[dict] = []
+
+    def load(self, keep=lambda row: True) -> None:
+        """Read back existing rows, keeping those for which ``keep(row)`` is true (resume)."""
+        self.rows = [r for r in read_table(self.path) if keep(r)]
+
+    def extend(self, rows: Iterable[dict], flush: bool = True) -> None:
+        self.rows.extend(rows)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled:
+            write_table(self.path, self.columns, self.rows)
+
+
+def setup_logging(log_file: Path | None, to_console: bool = True) -> logging.Logger:
+    """The ``cisslib`` logger: a plain line format to ``log_file`` and (optionally) stderr."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        if getattr(h, "_cisslib", False):
+            logger.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        fh._cisslib = True  # type: ignore[attr-defined]
+        logger.addHandler(fh)
+    if to_console:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        sh._cisslib = True  # type: ignore[attr-defined]
+        logger.addHandler(sh)
+    logger.propagate = False
+    return logger
