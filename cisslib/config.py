@@ -116,6 +116,7 @@ class LossConfig:
 class StepSchedule:
     iters: int = 25000
     lr: float = 2e-5
+    warmup_iters: int = 1500  # SPEC 4 WarmupPolyLR: linear warmup, also at short steps
 
 
 @dataclass
@@ -131,7 +132,6 @@ class TrainConfig:
     hflip: bool = True
     base: StepSchedule = field(default_factory=StepSchedule)  # step 0
     incremental: StepSchedule = field(default_factory=StepSchedule)  # steps >= 1
-    warmup_iters: int = 1500  # SPEC 4 WarmupPolyLR
     warmup_factor: float = 1e-6
     poly_power: float = 0.9
     weight_decay: float = 0.01

@@ -1,0 +1,217 @@
+"""The one place that turns the config tree into objects: data, scenario, CLIP, text, model, losses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cisslib.config import Config, ConfigError
+from cisslib.losses import CISSCriterion, LossWeights
+from cisslib.protocol import Scenario, parse_setting
+
+log = logging.getLogger("cisslib")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def build_sources(cfg: Config) -> tuple[Any, Any]:
+    """``(train_source, val_source)`` for ``cfg.scenario.dataset``."""
+    sc = cfg.scenario
+    if sc.dataset == "toy":
+        from cisslib.toyworld import ToyWorld
+
+        t = sc.toy
+        common = dict(size=t.size, seed=t.seed, max_objects=t.max_objects)
+        return (
+            ToyWorld(split="train", length=t.train_length, **common),
+            ToyWorld(split="val", length=t.val_length, **common),
+        )
+    from cisslib.datasets import ADE20KSegmentation, VOCSegmentation, resolve_data_root
+
+    root = resolve_data_root(sc.data_root)
+    cls = VOCSegmentation if sc.dataset == "voc" else ADE20KSegmentation
+    return cls(root, split="train"), cls(root, split="val")
+
+
+def build_scenario(cfg: Config, num_classes: int) -> Scenario:
+    """The class-incremental scenario (``scenario.joint`` = every class in one step)."""
+    sc = cfg.scenario
+    try:
+        k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+    except ValueError as e:
+        raise ConfigError(f"scenario.setting: {e}") from None
+    if k != num_classes:
+        raise ConfigError(
+            f"scenario.setting {sc.setting!r} is for {k} classes but the dataset has {num_classes}"
+        )
+    try:
+        return Scenario(
+            num_classes=k, base=base, increment=inc, order=tuple(sc.order or ()), mode=sc.mode
+        )
+    except ValueError as e:
+        raise ConfigError(f"scenario.order: {e}") from None
+
+
+def build_transforms(cfg: Config) -> tuple[Any, Any]:
+    """``(train_transform, test_transform)`` (SPEC 4)."""
+    from cisslib.transforms import TestTransform, TrainTransform
+
+    tr = cfg.train
+    train = TrainTransform(
+        crop=tr.crop,
+        short_sides=tuple(tr.short_sides),
+        max_long=tr.max_long,
+        color_jitter=tr.color_jitter,
+        hflip=tr.hflip,
+    )
+    test = TestTransform(short_side=cfg.eval.short_side, max_long=cfg.eval.max_long)
+    return train, test
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module  # the open_clip CLIP (image + text towers)
+    tokenizer: Any
+    key: str  # identifies the weights, for the text-embedding cache
+
+
+def build_clip(cfg: Config) -> ClipBundle:
+    """Load the CLIP named by ``model.clip`` (``pretrained: toy`` = the embedded tiny CLIP)."""
+    from cisslib.clip_backbone import load_clip, weights_fingerprint
+
+    c = cfg.model.clip
+    pretrained = c.pretrained
+    if pretrained == "toy":
+        from cisslib.toyclip import pretrain_tiny_clip
+
+        pretrained = str(pretrain_tiny_clip(progress=False))
+    model, tokenizer = load_clip(c.name, pretrained=pretrained, model_cfg=c.model_cfg)
+    model.eval()
+    key = f"{c.name}:{weights_fingerprint(model)}"
+    return ClipBundle(model=model, tokenizer=tokenizer, key=key)
+
+
+def build_text(cfg: Config, clip: ClipBundle, class_names: list[str], scenario: Scenario) -> torch.Tensor:
+    """``(K, D)`` float32 text embeddings of every class, in label-space order (SPEC 1.2).
+
+    Row ``c`` belongs to label ``c + 1`` (class ``scenario.order[c]``). Computed once per run from
+    the CLIP text tower (disk-cached), or read from an authors'-format ``.npy`` (rows in raw
+    label order), never re-read per forward.
+    """
+    from cisslib.text import (
+        ENSEMBLE_TEMPLATES,
+        SINGLE_TEMPLATES,
+        class_text_embeddings,
+        load_text_embeddings,
+    )
+
+    t = cfg.model.text
+    names = list(t.class_names) if t.class_names else list(class_names)
+    if len(names) != scenario.num_classes:
+        raise ConfigError(
+            f"model.text.class_names lists {len(names)} names; the dataset has "
+            f"{scenario.num_classes} classes"
+        )
+    if t.embeddings:
+        raw = load_text_embeddings(t.embeddings, num_classes=scenario.num_classes)
+    else:
+        templates = SINGLE_TEMPLATES if t.templates == "single" else ENSEMBLE_TEMPLATES
+        raw = class_text_embeddings(
+            clip.model, clip.tokenizer, names, templates, model_key=clip.key
+        )
+    order = np.asarray(scenario.order) - 1
+    text = raw.float()[torch.as_tensor(order)]
+    dim = int(clip.model.visual.output_dim) if hasattr(clip.model.visual, "output_dim") else None
+    if dim is not None and text.shape[1] != dim:
+        raise ConfigError(
+            f"text embeddings have dimension {text.shape[1]} but the CLIP joint space has {dim}; "
+            "use embeddings made with the same CLIP model"
+        )
+    return text
+
+
+def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
+    """The CLIP-CISS segmenter on the CLIP image tower (SPEC 1)."""
+    from cisslib.clip_backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+    from cisslib.segmenter import build_segmenter
+
+    m = cfg.model
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if m.pixel_norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    return build_segmenter(
+        clip.model,
+        out_indices=tuple(m.out_indices),
+        num_stages=m.num_stages,
+        layers_per_stage=m.layers_per_stage,
+        num_heads=m.num_heads,
+        ffn_dim=m.ffn_dim,
+        dropout=m.dropout,
+        class_head=m.class_head,
+        pixel_mean=mean,
+        pixel_std=std,
+        double_cls_embedding=m.double_cls_embedding,
+        drop_path_active=m.drop_path_active,
+    )
+
+
+def build_criterion(cfg: Config) -> CISSCriterion:
+    lo = cfg.loss
+    return CISSCriterion(
+        LossWeights(ce=lo.ce, mask=lo.mask, dice=lo.dice, gpd=lo.gpd, qd=lo.qd),
+        focal_alpha=lo.focal_alpha,
+        focal_gamma=lo.focal_gamma,
+        gpd_reduction=lo.gpd_reduction,
+        gpd_pool_at=lo.gpd_pool_at,
+        pseudo_threshold=lo.pseudo_threshold,
+        use_pseudolabels=lo.use_pseudolabels,
+        ignore_void_in_masks=lo.ignore_void_in_masks,
+        use_gpd=lo.use_gpd,
+        use_qd=lo.use_qd,
+    )
+
+
+def param_groups(
+    model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float
+) -> list[dict]:
+    """AdamW groups (SPEC 4): decoder LR x head_lr_mult; norm layers without weight decay.
+
+    Every other parameter (biases, CLIP positional/class embeddings, projections) gets the
+    weight decay, as detectron2's defaults do.
+    """
+    norm_params: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
+            norm_params.update(id(p) for p in module.parameters(recurse=False))
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = name.startswith("decoder.")
+        norm = id(p) in norm_params
+        groups.setdefault((head, norm), []).append(p)
+    out = []
+    for (head, norm), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": lr * (head_lr_mult if head else 1.0),
+                "weight_decay": 0.0 if norm else weight_decay,
+                "name": f"{'decoder' if head else 'encoder'}{'-norm' if norm else ''}",
+            }
+        )
+    return out
+
+
+def default_run_name(cfg: Config, params_path: str | Path | None) -> str:
+    stem = Path(params_path).stem if params_path else f"{cfg.scenario.dataset}_{cfg.scenario.setting}"
+    return cfg.run.name or f"{stem}_{cfg.run.preset}"
