@@ -1,0 +1,172 @@
+"""Tests of the tiny CLIP: loss by hand, captions, batch determinism, training, cache, loading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cisslib.toyclip as tc
+from cisslib.toyworld import TOY_CLASSES
+
+
+def _tiny(**kw) -> tc.ToyClipConfig:
+    base = dict(
+        vision_width=32,
+        vision_head_width=16,
+        vision_layers=1,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        embed_dim=16,
+        steps=2,
+        batch_size=8,
+        scene_size=96,
+        eval_n=10,
+        threads=1,
+    )
+    base.update(kw)
+    return tc.ToyClipConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CISSLIB_CACHE", str(tmp_path / "cache"))
+
+
+def test_contrastive_loss_against_hand_computation():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    scale = torch.tensor(math.log(2.0))  # logits = 2 * cosine
+    ids = torch.tensor([5, 9, 5])  # items 0 and 2 describe the same class set
+    sim = 2.0 * img.numpy() @ txt.numpy().T
+    pos = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], float)
+    target = pos / pos.sum(1, keepdims=True)
+
+    def ce(logits):
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return -(target * logp).sum(1).mean()
+
+    want = (ce(sim) + ce(sim.T)) / 2
+    got = tc.contrastive_loss(img, txt, scale, ids)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # with all ids distinct it is the usual CLIP loss
+    ids2 = torch.tensor([1, 2, 3])
+    logits = 2.0 * img @ txt.t()
+    usual = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(3))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(3))
+    ) / 2
+    assert float(tc.contrastive_loss(img, txt, scale, ids2)) == pytest.approx(float(usual))
+
+
+def test_captions():
+    assert tc.multi_caption([1]) == "a red circle"
+    assert tc.multi_caption([1, 8]) == "a red circle and a blue star"
+    assert tc.multi_caption([1, 8, 2], articles=False) == "red circle, blue star and green square"
+    tok = tc.SimpleTokenizer(context_length=16)
+    rng = np.random.default_rng(0)
+    four = [20, 19, 15, 11]  # long names
+    for _ in range(20):
+        cap = tc._caption(four, rng, tok)
+        assert len(tok.encode(cap)) <= 14  # + start/end tokens fits 16: never truncated
+        assert all(TOY_CLASSES[k - 1] in cap for k in four)
+    assert tc._caption([], rng, tok) in tc.BACKGROUND_CAPTIONS
+    assert TOY_CLASSES[6] in tc._caption([7], rng, tok)
+
+
+def test_make_batch_deterministic_and_consistent():
+    cfg = _tiny(batch_size=8, single_fraction=0.5, crop_fraction=0.25)
+    tok = tc.SimpleTokenizer(context_length=16)
+    x1, t1, i1 = tc.make_batch(cfg, 3, tok)
+    x2, t2, i2 = tc.make_batch(cfg, 3, tok)
+    assert x1.shape == (8, 3, 64, 64) and t1.shape == (8, 16)
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(i1, i2)
+    x3, _, _ = tc.make_batch(cfg, 4, tok)
+    assert not torch.equal(x1, x3)
+    # the 4 single-object images each name exactly one class (one bit set in their id)
+    assert all(bin(int(v)).count("1") == 1 for v in i1[:4])
+    # normalisation: OpenAI CLIP mean/std
+    img = np.full((1, 2, 2, 3), 255, np.uint8)
+    want = (1.0 - torch.tensor(tc.OPENAI_DATASET_MEAN)) / torch.tensor(tc.OPENAI_DATASET_STD)
+    assert torch.allclose(tc.normalize_images(img)[0, :, 0, 0], want)
+
+
+def test_training_is_deterministic():
+    cfg = _tiny()
+    m1, meta1 = tc._train(cfg, progress=False)
+    m2, meta2 = tc._train(cfg, progress=False)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    init = tc.build_model(cfg).state_dict()  # training moved the weights
+    assert not torch.equal(init["visual.conv1.weight"], s1["visual.conv1.weight"])
+    assert meta1["final_loss"] == meta2["final_loss"]
+    assert 0.0 <= meta1["zero_shot_accuracy"] <= 1.0
+
+
+def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
+    cfg = _tiny()
+    trained = {}
+    real_train = tc._train
+
+    def capture(c, progress):
+        model, meta = real_train(c, progress)
+        trained["model"] = model
+        return model, meta
+
+    monkeypatch.setattr(tc, "_train", capture)
+    path = tc.pretrain_tiny_clip(cfg, progress=False)
+    assert path == tc.io.cache_dir() / "toyclip" / f"{cfg.key()}.pt"
+    assert path.is_file()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained again instead of loading the cache")
+
+    monkeypatch.setattr(tc, "_train", fail)
+    assert tc.pretrain_tiny_clip(cfg, progress=False) == path
+    # another config is another file (and would train)
+    with pytest.raises(AssertionError, match="trained again"):
+        tc.pretrain_tiny_clip(_tiny(seed=1), progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == "cisslib-clip"
+    assert ckpt["model_cfg"] == tc.model_cfg(cfg)
+    meta = ckpt["meta"]
+    assert meta["config"]["steps"] == 2 and meta["pixel_norm"] == "clip"
+    assert meta["pixel_mean"] == list(tc.OPENAI_DATASET_MEAN) and meta["seconds"] > 0
+    model, tok = tc.load_tiny_clip(path)
+    ref = trained["model"]
+    x = torch.randn(2, 3, 64, 64)
+    t = tok(["a photo of a red circle", "a blue star"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), ref.encode_image(x))
+        assert torch.equal(model.encode_text(t), ref.encode_text(t))
+        # the segmenter feeds larger crops: 96 px works once the position grid is resized
+        assert model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
+
+
+def test_load_rejects_other_formats(tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save({"format": "openai"}, bad)
+    with pytest.raises(ValueError, match="format='openai'"):
+        tc.load_tiny_clip(bad)
+    with pytest.raises(FileNotFoundError, match="pretrain_tiny_clip"):
+        tc.load_tiny_clip(tmp_path / "missing.pt")
+
+
+def test_config_validation_and_key():
+    with pytest.raises(ValueError, match="image_size=60"):
+        tc.ToyClipConfig(image_size=60)
+    with pytest.raises(ValueError, match="steps=0"):
+        tc.ToyClipConfig(steps=0)
+    assert tc.ToyClipConfig().key() == tc.ToyClipConfig(log_every=7).key()
+    assert tc.ToyClipConfig().key() != tc.ToyClipConfig(seed=1).key()
+
+
+def test_cli_prints_path_seconds_accuracy(capsys):
+    tc.main(["--steps", "1", "--eval-n", "10", "--batch-size", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "path:" in out and "seconds:" in out and "zero_shot_accuracy:" in out
