@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from cisslib.clip_backbone import load_clip, tiny_clip_config
+
+# Tests run on small shared CPUs: with several OpenMP threads competing for two busy cores the
+# tiny models ran 10-20x slower (measured: 42 s vs 2 s). One thread unless asked otherwise.
+torch.set_num_threads(int(os.environ.get("CISSLIB_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
