@@ -1,0 +1,101 @@
+"""The embedded-default jobs: the demo (README command 1) and the toy results table."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from cisslib.api import run
+from cisslib.io import atomic_write_text
+
+log = logging.getLogger("cisslib")
+
+
+def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
+    """Pretrain (or load) the tiny CLIP, run the full method and fine-tuning, write a report.
+
+    Returns the path of ``<out>/report.html``. Existing complete runs in ``out`` are reused
+    (resume), so a second call only rebuilds the report.
+    """
+    from cisslib.toyclip import pretrain_tiny_clip
+    from cisslib.workbook import build_report
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    pretrain_tiny_clip(progress=True)
+    log.info("demo: tiny CLIP ready after %.0f s", time.perf_counter() - t0)
+    runs = []
+    for preset in ("full", "finetune"):
+        run_dir = out / preset
+        runs.append(
+            run(params, overrides=[*overrides, f"run.preset={preset}"], out=run_dir,
+                resume=(run_dir / "config.yaml").is_file())
+        )
+        log.info("demo: %s done after %.0f s", preset, time.perf_counter() - t0)
+    report = build_report(runs, out / "report.html", title="cisslib demo: full method vs fine-tuning")
+    log.info("demo: report %s after %.0f s", report, time.perf_counter() - t0)
+    return report
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def results_markdown(frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], seeds: Sequence[int],
+                     title: str) -> str:
+    """A markdown table: old / new / all mIoU after the last step, both conventions, per preset."""
+    summary = pd.concat(frames, ignore_index=True)
+    last = summary[summary["step"] == summary.groupby("run")["step"].transform("max")]
+    lines = [f"### {title}", "", f"Seeds: {', '.join(map(str, seeds))}. mIoU in %, mean over seeds, "
+             "after the last step (joint: its single step).", ""]
+    lines.append("| preset | fg_only old | fg_only new | fg_only all | with_bg old | with_bg new | "
+                 "with_bg all |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for preset, grp in last.groupby("preset", sort=False):
+        cells = []
+        for conv in ("fg_only", "with_bg"):
+            g = grp[grp["convention"] == conv]
+            if preset == "joint":  # one step: report base/novel as old/new
+                cells += [_fmt(g["mIoU_base"].mean()), _fmt(g["mIoU_novel"].mean()),
+                          _fmt(g["mIoU"].mean())]
+            else:
+                cells += [_fmt(g["mIoU_old"].mean()), _fmt(g["mIoU_new"].mean()),
+                          _fmt(g["mIoU"].mean())]
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    zs = [z for z in zero_shot if len(z)]
+    if zs:
+        z = pd.concat(zs, ignore_index=True)
+        z = z.groupby(["preset", "step"])["iou"].mean().unstack("step")
+        lines += ["", "Zero-shot probe: mIoU (%) on the classes of future steps, after each step "
+                  "(before they are learned).", ""]
+        lines.append("| preset | " + " | ".join(f"after step {s}" for s in z.columns) + " |")
+        lines.append("|---|" + "---|" * len(z.columns))
+        for preset, row in z.iterrows():
+            lines.append(f"| {preset} | " + " | ".join(_fmt(v) for v in row.values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_table(out: Path, params: Path, seeds: Sequence[int], presets: Sequence[str],
+                  overrides: Sequence[str] = (), doc: Path | None = None) -> Path:
+    """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``."""
+    frames, zero = [], []
+    for seed in seeds:
+        for preset in presets:
+            run_dir = out / f"{preset}_seed{seed}"
+            run(params, overrides=[*overrides, f"run.preset={preset}", f"run.seed={seed}"],
+                out=run_dir, resume=(run_dir / "config.yaml").is_file())
+            frames.append(pd.read_csv(run_dir / "metrics" / "summary.csv"))
+            zpath = run_dir / "metrics" / "zero_shot.csv"
+            if zpath.is_file() and preset in ("full", "finetune"):
+                zero.append(pd.read_csv(zpath))
+    text = results_markdown(frames, zero, seeds, f"Toy results ({Path(params).stem})")
+    path = out / "results.md"
+    atomic_write_text(path, text)
+    if doc is not None:
+        atomic_write_text(doc, text)
+    return path
