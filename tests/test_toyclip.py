@@ -144,7 +144,7 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), ref.encode_image(x))
         assert torch.equal(model.encode_text(t), ref.encode_text(t))
-        # the segmenter feeds larger crops: 96 px works once the position grid is resized
+        # 64 px input, patch 8: an 8 x 8 position grid plus the CLS position
         assert model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
 
 
