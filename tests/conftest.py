@@ -14,6 +14,18 @@ from cisslib.clip_backbone import load_clip, tiny_clip_config
 torch.set_num_threads(int(os.environ.get("CISSLIB_TEST_THREADS", "1")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """No test reads or writes the user's cache (text embeddings, membership, tiny CLIP)."""
+    old = os.environ.get("CISSLIB_CACHE")
+    os.environ["CISSLIB_CACHE"] = str(tmp_path_factory.mktemp("cisslib-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CISSLIB_CACHE", None)
+    else:
+        os.environ["CISSLIB_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> dict:
     """``model_cfg`` of the tiny CLIP: width 64, 3 layers, patch 8, 64x64, joint dim 64."""

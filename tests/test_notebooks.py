@@ -123,7 +123,7 @@ def scenario_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = workbook.execute_notebook(
         "run_scenario",
         root / "run_scenario.ipynb",
-        {"params_file": "params/toy_15-1.yaml", "out_dir": str(root / "run"), "steps": [0, 1]},
+        {"params_file": "params/smoke.yaml", "out_dir": str(root / "run"), "steps": [0, 1]},
         cwd=NOTEBOOKS.parent,
     )
     return out, root / "run"
