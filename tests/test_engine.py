@@ -216,3 +216,40 @@ def test_ddp_on_gloo_matches_a_single_process(tmp_path):
     np.testing.assert_allclose(sa["mIoU"].to_numpy(), sb["mIoU"].to_numpy(), atol=1e-3)
     # only rank 0 wrote: one header and 4 rows
     assert len(sb) == 4 and not math.isnan(sb["mIoU"].iloc[0])
+
+
+def test_val_selected_checkpoint_is_opt_in(tmp_path):
+    from cisslib.api import run
+
+    out = tmp_path / "best"
+    run(SMOKE, overrides=["train.select_best_on_val=true", "train.eval_every=4",
+                          "eval.zero_shot_probe=false", "eval.shift_diagnostics=false"], out=out)
+    state = torch.load(out / "checkpoints" / "step0.pt", weights_only=False)
+    assert "best_model" in state and state["best_score"] >= 0
+    assert state["best_model"].keys() == state["model"].keys()
+
+
+def test_steps_after_zero_need_the_previous_checkpoint(tmp_path, capsys):
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert "step0.pt is missing" in capsys.readouterr().err
+
+
+def test_settings_lists_settings_and_presets(capsys):
+    assert main(["settings"]) == 0
+    text = capsys.readouterr().out
+    for word in ("15-1 (6 steps)", "100-5 (11 steps)", "10-1 (11 steps)", "finetune", "no_cacp",
+                 "smoke.yaml"):
+        assert word in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_smoke_on_cuda_with_autocast(tmp_path, precision):
+    from cisslib.api import run
+
+    out = tmp_path / precision
+    run(SMOKE, overrides=["run.device=cuda", f"run.precision={precision}"], out=out)
+    summary = pd.read_csv(out / "metrics" / "summary.csv")
+    assert len(summary) == 4 and summary["mIoU"].notna().all()
+    assert np.isfinite(pd.read_csv(out / "losses.csv")["value"]).all()

@@ -1,0 +1,36 @@
+"""The results table of the toy comparison, from summary tables built by hand."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from cisslib.demo import results_markdown
+
+
+def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd.DataFrame:
+    rows = []
+    for step in range(steps):
+        for conv, shift in (("fg_only", 0.0), ("with_bg", 0.1)):
+            last = step == steps - 1
+            rows.append({"run": preset, "preset": preset, "step": step, "convention": conv,
+                         "mIoU": all_ + shift if last else 0.9, "mIoU_base": 0.5,
+                         "mIoU_novel": 0.25, "mIoU_old": old + shift if last else 0.9,
+                         "mIoU_new": new if last else 0.9})
+    return pd.DataFrame(rows)
+
+
+def test_results_markdown_reports_the_last_step_per_preset():
+    frames = [_summary("full", 3, 0.6, 0.2, 0.5), _summary("finetune", 3, 0.1, 0.4, 0.2),
+              _summary("joint", 1, 0.0, 0.0, 0.45)]
+    zs = pd.DataFrame({"run": "full", "preset": "full", "step": [0, 0, 1],
+                       "class_index": [19, 20, 20], "class_name": "x", "step_added": [1, 2, 2],
+                       "iou": [0.2, 0.4, 0.5]})
+    text = results_markdown(frames, [zs], [42], "T")
+    lines = text.splitlines()
+    assert "| full | 60.0 | 20.0 | 50.0 | 70.0 | 20.0 | 60.0 |" in lines
+    assert "| finetune | 10.0 | 40.0 | 20.0 | 20.0 | 40.0 | 30.0 |" in lines
+    # joint: one step, base/novel stand for old/new
+    assert "| joint | 50.0 | 25.0 | 45.0 | 50.0 | 25.0 | 55.0 |" in lines
+    # zero-shot: mean of future-class IoUs per step (0.3 after step 0, 0.5 after step 1)
+    assert "| full | 30.0 | 50.0 |" in lines
+    assert "Seeds: 42." in text
