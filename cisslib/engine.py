@@ -279,6 +279,8 @@ class Engine:
             "seed": cfg.run.seed,
         }
         self.meta = meta
+        self._ref_protos: torch.Tensor | None = None
+        self._ref_protos_on_disk = resume and self.run.reference_prototypes.is_file()
         self.tables = {
             name: Table(self.run.table(name), cols, enabled=self.dist.main)
             for name, cols in TABLES.items()
@@ -365,8 +367,9 @@ class Engine:
             raise ValueError(f"steps {first}-{last} out of range: this scenario has steps 0..{n - 1}")
         done = set(self.run.completed_steps()) if self.resume else set()
         keep = (lambda r: int(r["step"]) in done) if self.resume else (lambda r: int(r["step"]) < first)
-        for table in self.tables.values():
-            table.load(keep=keep)
+        for name, table in self.tables.items():
+            # the loss history of an interrupted step is trimmed in run_step, at its resume point
+            table.load(keep=(lambda r: True) if name == "losses" and self.resume else keep)
         log.info(
             "run %s: %s %s %s, preset %s, %d steps, device %s, precision %s, %d process(es)",
             self.run.root, self.cfg.scenario.dataset, self.meta["setting"], self.cfg.scenario.mode,
@@ -411,11 +414,11 @@ class Engine:
                 scaler.load_state_dict(state["scaler"])
                 start = state["iter"]
                 best = state.get("best", best)
-                self.tables["losses"].rows = [
-                    r for r in self.tables["losses"].rows
-                    if int(r["step"]) < step or int(r["iter"]) <= start
-                ]
                 log.info("step %d: resumed at iteration %d/%d", step, start, sched.iters)
+        self.tables["losses"].rows = [
+            r for r in self.tables["losses"].rows
+            if int(r["step"]) < step or (int(r["step"]) == step and int(r["iter"]) <= start)
+        ]
 
         train_model: torch.nn.Module = model
         if self.dist.world > 1:
@@ -576,14 +579,17 @@ class Engine:
 
     def _reference_prototypes(self, loader: DataLoader) -> torch.Tensor | None:
         """Class prototypes under the ORIGINAL CLIP (computed once per run, then read back)."""
+        if self._ref_protos is not None:
+            return self._ref_protos
         path = self.run.reference_prototypes
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
-        encoder = _freeze(self._new_model().encoder)
-        protos = self._prototypes(encoder, loader)
-        if self.dist.main:
-            atomic_torch_save(protos, path)
-        return protos
+        if self._ref_protos_on_disk:  # decided at start-up, identically on every rank
+            self._ref_protos = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            encoder = _freeze(self._new_model().encoder)
+            self._ref_protos = self._prototypes(encoder, loader)
+            if self.dist.main:
+                atomic_torch_save(self._ref_protos, path)
+        return self._ref_protos
 
     @torch.no_grad()
     def _prototypes(self, encoder, loader) -> torch.Tensor:

@@ -150,7 +150,8 @@ def _cli(*args: str) -> list[str]:
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     env = {**os.environ, "CISSLIB_CACHE": os.environ["CISSLIB_CACHE"], "PYTHONUNBUFFERED": "1"}
-    common = ["--set", "run.checkpoint_every=2", "--set", "eval.zero_shot_probe=false"]
+    common = ["--set", "run.checkpoint_every=2", "--set", "run.log_every=1",
+              "--set", "eval.zero_shot_probe=false"]
     ref = tmp_path / "ref"
     subprocess.run(_cli("run", str(SMOKE), "--out", str(ref), *common), check=True, env=env,
                    capture_output=True)
