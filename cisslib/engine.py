@@ -238,9 +238,11 @@ class Engine:
         self.cfg = cfg
         self.run = RunDir(run_dir)
         self.resume = resume
-        self.dist = init_distributed(cfg.run.device if cfg.run.device != "auto" else
-                                     ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
+        device = cfg.run.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dist = init_distributed(device)
+        self.device = resolve_device(device, self.dist.local_rank)
         self.precision = resolve_precision(cfg.run.precision, self.device)
         if cfg.train.batch_size % self.dist.world:
             raise ValueError(
