@@ -1,12 +1,14 @@
 """A tiny open_clip CLIP pretrained contrastively on the toy world (the toy stand-in for ViT-B/16).
 
 ``pretrain_tiny_clip`` trains ``open_clip.model.CLIP(**model_cfg(cfg))`` with a symmetric InfoNCE
-loss (learnable logit scale) on images of the toy world's ``"pretrain"`` stream, disjoint from the
-segmentation ``train``/``val`` images, paired with captions built from the class names: single
+loss (learnable logit scale) on a fixed pool of images of the toy world's ``"pretrain"`` stream
+(rendered once per run, ``render_pool``; disjoint from the segmentation ``train``/``val`` images;
+each batch samples it with random flips / 90-degree rotations), paired with captions built from the class names: single
 objects under several templates ("a photo of a red circle"), whole scenes and random crops of
 larger scenes ("a red circle and a blue star"). Captions that describe the same set of classes
 are all positives of each other (multi-positive soft targets). Pixels are normalised with OpenAI
-CLIP's mean/std. The checkpoint is cached under ``cache_dir()/toyclip/<hash>.pt`` in cisslib's
+CLIP's mean/std. An optional curriculum (``curriculum_steps``) ramps the single objects from
+centred, upright, mid-sized shapes to the full distribution. The checkpoint is cached under ``cache_dir()/toyclip/<hash>.pt`` in cisslib's
 self-describing format ``{"format": "cisslib-clip", "model_cfg", "state_dict", "meta"}``.
 """
 
@@ -32,12 +34,19 @@ from open_clip.tokenizer import SimpleTokenizer
 from tqdm.auto import tqdm
 
 from cisslib import io
-from cisslib.toyworld import GENERATOR_VERSION, TOY_CLASSES, ToyWorld
+from cisslib.toyworld import (
+    _SHAPE_SCALE,
+    GENERATOR_VERSION,
+    TOY_CLASSES,
+    ToyObject,
+    ToyWorld,
+    render_scene,
+)
 
 log = logging.getLogger("cisslib")
 
 CHECKPOINT_FORMAT = "cisslib-clip"
-_RECIPE_VERSION = "toyclip-v1"
+_RECIPE_VERSION = "toyclip-v2"
 ZERO_SHOT_TEMPLATE = "a photo of a {}"
 SINGLE_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
@@ -62,8 +71,8 @@ class ToyClipConfig:
     """Model sizes and the pretraining recipe of the tiny CLIP (hashed into the cache key)."""
 
     embed_dim: int = 64
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 32
+    patch_size: int = 4
     vision_width: int = 128
     vision_layers: int = 3
     vision_head_width: int = 32
@@ -72,22 +81,35 @@ class ToyClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 16
-    steps: int = 250  # ~3 min on 2 loaded CPU cores (measured 197 s)
+    steps: int = 600  # ~3 min on 2 loaded CPU cores
     batch_size: int = 128
     lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup: int = 25
+    weight_decay: float = 0.01
+    warmup: int = 30
+    logit_scale_init: float = 1 / 0.07  # initial exp(logit_scale) (learnable, clamped to 100)
     seed: int = 0
     threads: int = 2  # fixed torch thread count (results depend on it)
-    single_fraction: float = 0.5  # share of single-object images in a batch
-    crop_fraction: float = 0.25  # share of image_size crops of scene_size scenes; the rest: scenes
-    scene_size: int = 128
-    min_crop_pixels: int = 12  # a class is named in a crop's caption if it covers this many pixels
+    pool_size: int = 16384  # images rendered once per run; every batch samples from them
+    curriculum_steps: int = 0  # single objects' difficulty ramps up (see render_pool)
+    curriculum_levels: int = 5  # difficulty levels of the single-object images
+    single_fraction: float = 0.7  # share of single-object images in the pool and in a batch
+    crop_fraction: float = 0.15  # share of image_size crops of scene_size scenes; the rest: scenes
+    scene_size: int = 64
+    min_crop_pixels: int = 6  # a class is named in a crop's caption if it covers this many pixels
     eval_n: int = 1000  # zero-shot images evaluated after training (recorded in meta)
     log_every: int = 50  # one log line per this many steps (not part of the cache key)
 
     def __post_init__(self) -> None:
-        for key in ("embed_dim", "image_size", "patch_size", "steps", "batch_size", "threads"):
+        ints = (
+            "embed_dim",
+            "image_size",
+            "patch_size",
+            "steps",
+            "batch_size",
+            "threads",
+            "pool_size",
+        )
+        for key in ints:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"ToyClipConfig.{key}={getattr(self, key)!r} must be an int >= 1")
         if self.image_size % self.patch_size:
@@ -105,6 +127,8 @@ class ToyClipConfig:
                 f"ToyClipConfig: single_fraction + crop_fraction = "
                 f"{self.single_fraction + self.crop_fraction} must lie in [0, 1]"
             )
+        if self.curriculum_levels < 1 or self.curriculum_steps < 0:
+            raise ValueError("ToyClipConfig: curriculum_levels must be >= 1, curriculum_steps >= 0")
         if self.scene_size < self.image_size:
             raise ValueError(
                 f"ToyClipConfig.scene_size={self.scene_size} must be >= image_size={self.image_size}"
@@ -187,41 +211,125 @@ def _label_mask(labels: list[int]) -> int:
     return sum(1 << lab for lab in labels)
 
 
-def make_batch(
-    cfg: ToyClipConfig, step: int, tokenizer: SimpleTokenizer
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch ``step`` of pretraining: images ``(B, 3, S, S)``, tokens ``(B, L)``, class-set ids ``(B,)``.
+@dataclass
+class PretrainPool:
+    """The fixed pretraining image set of one run, rendered once and sampled every step.
 
-    Deterministic in ``(cfg, step)``: images come from the toy world's ``"pretrain"`` stream and
-    crops/captions from a Philox generator seeded with ``(cfg.seed, step)``.
+    ``images``: ``(N, S, S, 3)`` uint8; ``label_sets[i]``: sorted raw labels named by image ``i``'s
+    captions; sections ``[0, n_single)`` single objects, ``[n_single, n_single + n_scene)`` whole
+    scenes, the rest crops of ``scene_size`` scenes.
     """
-    b, s = cfg.batch_size, cfg.image_size
-    n_single = round(b * cfg.single_fraction)
-    n_crop = round(b * cfg.crop_fraction)
-    n_scene = b - n_single - n_crop
-    total = (step + 1) * b  # items base .. base + b - 1 of the "pretrain" stream
-    single = ToyWorld("pretrain", size=s, length=total, seed=cfg.seed, single_object=True)
-    scenes = ToyWorld("pretrain", size=s, length=total, seed=cfg.seed)
-    big = ToyWorld("pretrain", size=cfg.scene_size, length=total, seed=cfg.seed + 1)
-    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 7919, step])))
-    images = np.empty((b, s, s, 3), dtype=np.uint8)
+
+    images: torch.Tensor
+    label_sets: list[list[int]]
+    n_single: int
+    n_scene: int
+    levels: np.ndarray  # (n_single,) curriculum level of each single-object image
+
+    @property
+    def n_crop(self) -> int:
+        return len(self.label_sets) - self.n_single - self.n_scene
+
+
+def _section_sizes(total: int, cfg: ToyClipConfig) -> tuple[int, int, int]:
+    n_single = round(total * cfg.single_fraction)
+    n_crop = round(total * cfg.crop_fraction)
+    return n_single, total - n_single - n_crop, n_crop
+
+
+def render_pool(cfg: ToyClipConfig) -> PretrainPool:
+    """Render ``cfg.pool_size`` images of the toy world's ``"pretrain"`` stream (deterministic).
+
+    Single objects and whole scenes are items ``0 ..`` of their ``image_size`` streams; crops are
+    ``image_size`` windows (position from a Philox generator seeded with ``cfg.seed``) of
+    ``scene_size`` scenes, naming every class that covers ``min_crop_pixels`` pixels.
+    """
+    s = cfg.image_size
+    n_single, n_scene, n_crop = _section_sizes(cfg.pool_size, cfg)
+    single = ToyWorld("pretrain", size=s, length=n_single, seed=cfg.seed, single_object=True)
+    scenes = ToyWorld("pretrain", size=s, length=n_scene, seed=cfg.seed)
+    big = ToyWorld("pretrain", size=cfg.scene_size, length=n_crop, seed=cfg.seed + 1)
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 7919])))
+    images = np.empty((cfg.pool_size, s, s, 3), dtype=np.uint8)
     label_sets: list[list[int]] = []
-    base = step * b
+    n_levels = cfg.curriculum_levels if cfg.curriculum_steps else 1
+    levels = np.arange(n_single) % n_levels
     for k in range(n_single):
-        images[k], lab = single.load(base + k)
+        difficulty = levels[k] / (n_levels - 1) if n_levels > 1 else 1.0
+        obj = _easier(single.objects(k)[0], difficulty, s)
+        tex = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 31, k])))
+        images[k], lab = render_scene([obj], s, tex)
         label_sets.append([int(v) for v in np.unique(lab) if v != 0])
     for k in range(n_scene):
-        images[n_single + k], lab = scenes.load(base + k)
+        images[n_single + k], lab = scenes.load(k)
         label_sets.append([int(v) for v in np.unique(lab) if v != 0])
     for k in range(n_crop):
-        img, lab = big.load(base + k)
+        img, lab = big.load(k)
         y, x = rng.integers(0, cfg.scene_size - s + 1, size=2)
         images[n_single + n_scene + k] = img[y : y + s, x : x + s]
         counts = np.bincount(lab[y : y + s, x : x + s].ravel(), minlength=len(TOY_CLASSES) + 1)
         label_sets.append([int(v) for v in np.flatnonzero(counts[1:] >= cfg.min_crop_pixels) + 1])
+    return PretrainPool(torch.from_numpy(images), label_sets, n_single, n_scene, levels)
+
+
+def _easier(obj: ToyObject, difficulty: float, size: int) -> ToyObject:
+    """``obj`` (a single-object draw) pulled towards an easy template by ``1 - difficulty``.
+
+    ``difficulty=0``: centred, upright (angle 0) and of the middle size; ``1``: ``obj`` itself.
+    Centre offset and angle scale linearly, the radius geometrically around the middle size.
+    """
+    mid = 0.255 * size * _SHAPE_SCALE[obj.shape]
+    c = size / 2
+    return dataclasses.replace(
+        obj,
+        cx=c + difficulty * (obj.cx - c),
+        cy=c + difficulty * (obj.cy - c),
+        angle=difficulty * obj.angle,
+        radius=mid * (obj.radius / mid) ** difficulty,
+    )
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Transform ``k`` (0..7) of the square's symmetry group on the last two dims."""
+    if k & 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k & 3, dims=(-2, -1))
+
+
+def make_batch(
+    cfg: ToyClipConfig, pool: PretrainPool, step: int, tokenizer: SimpleTokenizer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch ``step`` of pretraining: images ``(B, 3, S, S)``, tokens ``(B, L)``, class-set ids ``(B,)``.
+
+    Deterministic in ``(cfg, pool, step)``: a Philox generator seeded with ``(cfg.seed, step)``
+    draws ``single_fraction`` / ``crop_fraction`` of the batch without replacement from the
+    pool's sections (after ``cfg.single_steps`` steps of single objects only), a random flip /
+    90-degree rotation per image (every class is invariant to them) and the captions.
+    """
+    b = cfg.batch_size
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 7919, step])))
+    level = cfg.curriculum_levels - 1
+    if step < cfg.curriculum_steps:
+        level = cfg.curriculum_levels * step // cfg.curriculum_steps
+    singles = np.flatnonzero(pool.levels <= level)
+    n_single, n_scene, n_crop = _section_sizes(b, cfg)
+    parts = [singles[rng.choice(len(singles), size=n_single, replace=n_single > len(singles))]]
+    for n, start, size in (
+        (n_scene, pool.n_single, pool.n_scene),
+        (n_crop, pool.n_single + pool.n_scene, pool.n_crop),
+    ):
+        parts.append(start + rng.choice(size, size=n, replace=n > size))
+    idx = np.concatenate(parts)
+    images = normalize_images(pool.images[torch.from_numpy(idx)])
+    aug = rng.integers(0, 8, size=b)
+    for k in range(1, 8):
+        sel = torch.from_numpy(np.flatnonzero(aug == k))
+        if len(sel):
+            images[sel] = _dihedral(images[sel], k)
+    label_sets = [pool.label_sets[i] for i in idx]
     captions = [_caption(ls, rng, tokenizer) for ls in label_sets]
     ids = torch.tensor([_label_mask(ls) for ls in label_sets], dtype=torch.int64)
-    return normalize_images(images), tokenizer(captions), ids
+    return images, tokenizer(captions), ids
 
 
 def contrastive_loss(
@@ -256,7 +364,10 @@ def _deterministic(threads: int) -> Iterator[None]:
 
 def build_model(cfg: ToyClipConfig) -> open_clip.model.CLIP:
     """A freshly initialised tiny CLIP (torch's global seed decides the weights)."""
-    return open_clip.model.CLIP(**model_cfg(cfg))
+    model = open_clip.model.CLIP(**model_cfg(cfg))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(cfg.logit_scale_init))
+    return model
 
 
 def _train(cfg: ToyClipConfig, progress: bool) -> tuple[open_clip.model.CLIP, dict]:
@@ -280,6 +391,8 @@ def _train(cfg: ToyClipConfig, progress: bool) -> tuple[open_clip.model.CLIP, di
             betas=(0.9, 0.98),
             eps=1e-6,
         )
+        pool = render_pool(cfg)
+        log.info("tiny CLIP: rendered %d images (%.0f s)", cfg.pool_size, time.perf_counter() - t0)
         bar = tqdm(range(cfg.steps), desc="tiny CLIP", disable=not progress, leave=False)
         loss_value = float("nan")
         for step in bar:
@@ -287,7 +400,7 @@ def _train(cfg: ToyClipConfig, progress: bool) -> tuple[open_clip.model.CLIP, di
             cosine = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(warm, cosine)
-            images, tokens, ids = make_batch(cfg, step, tokenizer)
+            images, tokens, ids = make_batch(cfg, pool, step, tokenizer)
             img = model.encode_image(images, normalize=True)
             txt = model.encode_text(tokens, normalize=True)
             loss = contrastive_loss(img, txt, model.logit_scale, ids)
@@ -429,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override ToyClipConfig.seed")
     parser.add_argument("--eval-n", type=int, default=None, help="override ToyClipConfig.eval_n")
     parser.add_argument("--batch-size", type=int, default=None, help="override batch_size")
+    parser.add_argument("--pool-size", type=int, default=None, help="override pool_size")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -437,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         ("seed", args.seed),
         ("eval_n", args.eval_n),
         ("batch_size", args.batch_size),
+        ("pool_size", args.pool_size),
     )
     overrides = {k: v for k, v in pairs if v is not None}
     cfg = ToyClipConfig(**overrides)

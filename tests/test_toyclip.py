@@ -23,7 +23,8 @@ def _tiny(**kw) -> tc.ToyClipConfig:
         embed_dim=16,
         steps=2,
         batch_size=8,
-        scene_size=96,
+        scene_size=48,
+        pool_size=64,
         eval_n=10,
         threads=1,
     )
@@ -77,17 +78,54 @@ def test_captions():
     assert TOY_CLASSES[6] in tc._caption([7], rng, tok)
 
 
+def test_render_pool_sections_and_determinism():
+    cfg = _tiny(pool_size=40, single_fraction=0.5, crop_fraction=0.25)
+    p1, p2 = tc.render_pool(cfg), tc.render_pool(cfg)
+    assert p1.images.shape == (40, 32, 32, 3) and p1.images.dtype == torch.uint8
+    assert (p1.n_single, p1.n_scene, p1.n_crop) == (20, 10, 10)
+    assert torch.equal(p1.images, p2.images) and p1.label_sets == p2.label_sets
+    assert all(len(ls) == 1 for ls in p1.label_sets[:20])  # single objects name one class
+    assert all(len(ls) >= 1 for ls in p1.label_sets[20:30])  # whole scenes show an object
+    # without a curriculum the singles are the world's own "pretrain" single-object images
+    world = tc.ToyWorld("pretrain", size=32, length=20, seed=0, single_object=True)
+    assert (p1.levels == 0).all()
+    for k in (0, 7):
+        assert p1.label_sets[k] == [world.objects(k)[0].label]
+
+
+def test_curriculum_levels_go_from_template_to_full_draw():
+    obj = tc.ToyWorld("pretrain", size=32, length=1, single_object=True).objects(0)[0]
+    easy = tc._easier(obj, 0.0, 32)
+    assert (easy.cx, easy.cy, easy.angle) == (16.0, 16.0, 0.0) and easy.label == obj.label
+    assert tc._easier(obj, 1.0, 32) == obj
+    cfg = _tiny(pool_size=30, single_fraction=1.0, crop_fraction=0.0, curriculum_steps=10)
+    pool = tc.render_pool(cfg)
+    assert sorted(set(pool.levels.tolist())) == [0, 1, 2, 3, 4]
+    tok = tc.SimpleTokenizer(context_length=16)
+    # step 0 samples level 0 only: every drawn image equals one of the level-0 images
+    x, _, _ = tc.make_batch(cfg, pool, 0, tok)
+    level0 = tc.normalize_images(pool.images[torch.from_numpy(np.flatnonzero(pool.levels == 0))])
+    orbit = [tc._dihedral(level0, k) for k in range(8)]
+    for img in x:
+        assert any((o == img).all(dim=(1, 2, 3)).any() for o in orbit)
+
+
 def test_make_batch_deterministic_and_consistent():
     cfg = _tiny(batch_size=8, single_fraction=0.5, crop_fraction=0.25)
     tok = tc.SimpleTokenizer(context_length=16)
-    x1, t1, i1 = tc.make_batch(cfg, 3, tok)
-    x2, t2, i2 = tc.make_batch(cfg, 3, tok)
-    assert x1.shape == (8, 3, 64, 64) and t1.shape == (8, 16)
+    pool = tc.render_pool(cfg)
+    x1, t1, i1 = tc.make_batch(cfg, pool, 3, tok)
+    x2, t2, i2 = tc.make_batch(cfg, pool, 3, tok)
+    assert x1.shape == (8, 3, 32, 32) and t1.shape == (8, 16)
     assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(i1, i2)
-    x3, _, _ = tc.make_batch(cfg, 4, tok)
+    x3, _, _ = tc.make_batch(cfg, pool, 4, tok)
     assert not torch.equal(x1, x3)
     # the 4 single-object images each name exactly one class (one bit set in their id)
     assert all(bin(int(v)).count("1") == 1 for v in i1[:4])
+    # dihedral transforms: 8 distinct, invertible (rot90 by 4 = identity)
+    a = torch.arange(9.0).view(1, 3, 3)
+    outs = {tuple(tc._dihedral(a, k).flatten().tolist()) for k in range(8)}
+    assert len(outs) == 8 and torch.equal(tc._dihedral(tc._dihedral(a, 1), 3), a)
     # normalisation: OpenAI CLIP mean/std
     img = np.full((1, 2, 2, 3), 255, np.uint8)
     want = (1.0 - torch.tensor(tc.OPENAI_DATASET_MEAN)) / torch.tensor(tc.OPENAI_DATASET_STD)
@@ -135,16 +173,20 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
     assert ckpt["format"] == "cisslib-clip"
     assert ckpt["model_cfg"] == tc.model_cfg(cfg)
     meta = ckpt["meta"]
-    assert meta["config"]["steps"] == 2 and meta["pixel_norm"] == "clip"
+    assert (
+        meta["config"]["steps"] == 2
+        and meta["config"]["pool_size"] == 64
+        and meta["pixel_norm"] == "clip"
+    )
     assert meta["pixel_mean"] == list(tc.OPENAI_DATASET_MEAN) and meta["seconds"] > 0
     model, tok = tc.load_tiny_clip(path)
     ref = trained["model"]
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     t = tok(["a photo of a red circle", "a blue star"])
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), ref.encode_image(x))
         assert torch.equal(model.encode_text(t), ref.encode_text(t))
-        # 64 px input, patch 8: an 8 x 8 position grid plus the CLS position
+        # 32 px input, patch 4: an 8 x 8 position grid plus the CLS position
         assert model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
 
 
@@ -158,8 +200,15 @@ def test_load_rejects_other_formats(tmp_path):
 
 
 def test_config_validation_and_key():
-    with pytest.raises(ValueError, match="image_size=60"):
-        tc.ToyClipConfig(image_size=60)
+    with pytest.raises(ValueError, match="image_size=30"):
+        tc.ToyClipConfig(image_size=30)
+    with pytest.raises(ValueError, match="curriculum_levels"):
+        tc.ToyClipConfig(curriculum_levels=0)
+    assert math.isclose(
+        float(tc.build_model(_tiny(logit_scale_init=50.0)).logit_scale.detach().exp()),
+        50.0,
+        rel_tol=1e-5,
+    )
     with pytest.raises(ValueError, match="steps=0"):
         tc.ToyClipConfig(steps=0)
     assert tc.ToyClipConfig().key() == tc.ToyClipConfig(log_every=7).key()
@@ -167,6 +216,18 @@ def test_config_validation_and_key():
 
 
 def test_cli_prints_path_seconds_accuracy(capsys):
-    tc.main(["--steps", "1", "--eval-n", "10", "--batch-size", "8", "--no-progress"])
+    tc.main(
+        [
+            "--steps",
+            "1",
+            "--eval-n",
+            "10",
+            "--batch-size",
+            "8",
+            "--pool-size",
+            "32",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert "path:" in out and "seconds:" in out and "zero_shot_accuracy:" in out
