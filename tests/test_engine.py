@@ -254,3 +254,25 @@ def test_smoke_on_cuda_with_autocast(tmp_path, precision):
     summary = pd.read_csv(out / "metrics" / "summary.csv")
     assert len(summary) == 4 and summary["mIoU"].notna().all()
     assert np.isfinite(pd.read_csv(out / "losses.csv")["value"]).all()
+
+
+def test_short_toy_scenario_on_a_pretrained_tiny_clip(tmp_path):
+    """The toy path end to end: pretrain a (very short) tiny CLIP into the cache, load it from the
+    cache, and run a 2-step scenario on it through the same engine as ViT-B/16."""
+    from cisslib import toyclip
+    from cisslib.api import run
+
+    cfg = toyclip.ToyClipConfig(
+        image_size=16, patch_size=4, vision_width=32, vision_head_width=16, vision_layers=3,
+        text_width=32, text_heads=2, text_layers=1, embed_dim=16, steps=2, batch_size=8,
+        scene_size=48, pool_size=64, eval_n=10, threads=1,
+    )
+    path = toyclip.pretrain_tiny_clip(cfg, progress=False)
+    assert toyclip.pretrain_tiny_clip(cfg, progress=False) == path  # second call: the cache
+    out = tmp_path / "toy"
+    run(SMOKE, overrides=[f"model.clip.pretrained={path}", "model.clip.model_cfg=null",
+                          "model.pixel_norm=clip"], out=out)
+    summary = pd.read_csv(out / "metrics" / "summary.csv")
+    assert len(summary) == 4 and summary["mIoU"].notna().all()
+    cfg_saved = torch.load(out / "checkpoints" / "step1.pt", weights_only=False)["config"]
+    assert cfg_saved["model"]["clip"]["pretrained"] == str(path)
