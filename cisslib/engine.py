@@ -503,7 +503,7 @@ class Engine:
         log.info(
             "step %d it %d/%d %s grad_norm=%.2f lr=%.2e %.2f it/s",
             step, it, self._schedule(step).iters, parts, float(grad_norm),
-            opt.param_groups[0]["lr"], speed,
+            opt.param_groups[0]["lr"], speed, extra={"detail": True},
         )
 
     def _save_last(self, step, it, model, opt, lr_sched, scaler, best) -> None:

@@ -137,8 +137,19 @@ class Table:
             write_table(self.path, self.columns, self.rows)
 
 
-def setup_logging(log_file: Path | None, to_console: bool = True) -> logging.Logger:
-    """The ``cisslib`` logger: a plain line format to ``log_file`` and (optionally) stderr."""
+def _not_detail(record: logging.LogRecord) -> bool:
+    return not getattr(record, "detail", False)
+
+
+def setup_logging(
+    log_file: Path | None, to_console: bool = True, console_details: bool = False
+) -> logging.Logger:
+    """The ``cisslib`` logger: a plain line format to ``log_file`` and (optionally) stderr.
+
+    Records logged with ``extra={"detail": True}`` (per-iteration loss lines) go to the file
+    only, unless ``console_details``: a papermill or batch log gets one line per step and per
+    evaluation, not thousands.
+    """
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
@@ -155,6 +166,8 @@ def setup_logging(log_file: Path | None, to_console: bool = True) -> logging.Log
     if to_console:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
+        if not console_details:
+            sh.addFilter(_not_detail)
         sh._cisslib = True  # type: ignore[attr-defined]
         logger.addHandler(sh)
     logger.propagate = False

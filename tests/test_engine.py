@@ -276,3 +276,14 @@ def test_short_toy_scenario_on_a_pretrained_tiny_clip(tmp_path):
     assert len(summary) == 4 and summary["mIoU"].notna().all()
     cfg_saved = torch.load(out / "checkpoints" / "step1.pt", weights_only=False)["config"]
     assert cfg_saved["model"]["clip"]["pretrained"] == str(path)
+
+
+def test_console_gets_steps_and_evals_but_not_iterations(tmp_path, capsys):
+    from cisslib.api import run
+
+    out = tmp_path / "log"
+    run(SMOKE, overrides=["eval.zero_shot_probe=false", "eval.shift_diagnostics=false"], out=out)
+    console = capsys.readouterr().err
+    logfile = (out / "log.txt").read_text()
+    assert " it 8/8 " in logfile and " it 8/8 " not in console
+    assert "eval step 1 fg_only" in console and "step 1: classes" in console
