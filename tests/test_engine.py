@@ -287,3 +287,26 @@ def test_console_gets_steps_and_evals_but_not_iterations(tmp_path, capsys):
     logfile = (out / "log.txt").read_text()
     assert " it 8/8 " in logfile and " it 8/8 " not in console
     assert "eval step 1 fg_only" in console and "step 1: classes" in console
+
+
+def test_voc_params_on_a_real_layout_with_vit_b16(tmp_path, monkeypatch):
+    """The real-data path: params/voc_15-5.yaml, a VOC aug folder written here, a random ViT-B/16
+    (OpenAI architecture), shrunk to 2 iterations on 64 px crops."""
+    from test_datasets import make_voc_aug
+
+    from cisslib.api import run
+
+    make_voc_aug(tmp_path / "data", n=16)
+    monkeypatch.setenv("CISS_DATA", str(tmp_path / "data"))
+    out = tmp_path / "voc"
+    run(REPO / "params" / "voc_15-5.yaml", overrides=[
+        "model.clip.pretrained=null", "scenario.validate=full", "run.num_workers=0",
+        "train.batch_size=2", "train.crop=64", "train.short_sides=[64]",
+        "train.base.iters=2", "train.incremental.iters=2", "eval.short_side=64",
+        "eval.window=64", "eval.stride=48", "eval.shift_diagnostics=false",
+    ], out=out)
+    summary = pd.read_csv(out / "metrics" / "summary.csv")
+    assert summary["dataset"].unique().tolist() == ["voc"]
+    assert summary["n_seen"].tolist() == [15, 15, 20, 20]
+    names = pd.read_csv(out / "metrics" / "per_class.csv")["class_name"]
+    assert {"aeroplane", "tvmonitor"} <= set(names)
