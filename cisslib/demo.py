@@ -46,13 +46,31 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def joint_rows(per_class: pd.DataFrame, base: int) -> pd.DataFrame:
+    """Summary-like rows of a joint run split as the incremental setting would split it:
+    ``mIoU_old`` over labels ``1..base`` (and background under ``with_bg``), ``mIoU_new`` over the
+    rest, each the mean IoU of classes with ground truth."""
+    rows = []
+    for (run, preset, step, conv), g in per_class.groupby(["run", "preset", "step", "convention"]):
+        old = g[(g["class_index"] <= base)]
+        new = g[g["class_index"] > base]
+        rows.append({"run": run, "preset": preset, "step": step, "convention": conv,
+                     "mIoU_old": old["iou"].mean(), "mIoU_new": new["iou"].mean(),
+                     "mIoU": g["iou"].mean()})
+    return pd.DataFrame(rows)
+
+
 def results_markdown(frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], seeds: Sequence[int],
                      title: str) -> str:
-    """A markdown table: old / new / all mIoU after the last step, both conventions, per preset."""
+    """A markdown table: old / new / all mIoU after the last step, both conventions, per preset.
+
+    A ``joint`` run enters as :func:`joint_rows` (old/new = the incremental setting's classes).
+    """
     summary = pd.concat(frames, ignore_index=True)
     last = summary[summary["step"] == summary.groupby("run")["step"].transform("max")]
     lines = [f"### {title}", "", f"Seeds: {', '.join(map(str, seeds))}. mIoU in %, mean over seeds, "
-             "after the last step (joint: its single step).", ""]
+             "after the last step (joint: its single step, old/new = the setting's base/later "
+             "classes).", ""]
     lines.append("| preset | fg_only old | fg_only new | fg_only all | with_bg old | with_bg new | "
                  "with_bg all |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -60,12 +78,8 @@ def results_markdown(frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], 
         cells = []
         for conv in ("fg_only", "with_bg"):
             g = grp[grp["convention"] == conv]
-            if preset == "joint":  # one step: report base/novel as old/new
-                cells += [_fmt(g["mIoU_base"].mean()), _fmt(g["mIoU_novel"].mean()),
-                          _fmt(g["mIoU"].mean())]
-            else:
-                cells += [_fmt(g["mIoU_old"].mean()), _fmt(g["mIoU_new"].mean()),
-                          _fmt(g["mIoU"].mean())]
+            cells += [_fmt(g["mIoU_old"].mean()), _fmt(g["mIoU_new"].mean()),
+                      _fmt(g["mIoU"].mean())]
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     zs = [z for z in zero_shot if len(z)]
     if zs:
@@ -83,13 +97,22 @@ def results_markdown(frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], 
 def results_table(out: Path, params: Path, seeds: Sequence[int], presets: Sequence[str],
                   overrides: Sequence[str] = (), doc: Path | None = None) -> Path:
     """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``."""
+    from cisslib.config import load_config
+    from cisslib.protocol import parse_setting
+
+    cfg = load_config(params, overrides)
+    base = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)[1]
     frames, zero = [], []
     for seed in seeds:
         for preset in presets:
             run_dir = out / f"{preset}_seed{seed}"
             run(params, overrides=[*overrides, f"run.preset={preset}", f"run.seed={seed}"],
                 out=run_dir, resume=(run_dir / "config.yaml").is_file())
-            frames.append(pd.read_csv(run_dir / "metrics" / "summary.csv"))
+            if preset == "joint":
+                per_class = pd.read_csv(run_dir / "metrics" / "per_class.csv")
+                frames.append(joint_rows(per_class, base))
+            else:
+                frames.append(pd.read_csv(run_dir / "metrics" / "summary.csv"))
             zpath = run_dir / "metrics" / "zero_shot.csv"
             if zpath.is_file() and preset in ("full", "finetune"):
                 zero.append(pd.read_csv(zpath))

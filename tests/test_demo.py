@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cisslib.demo import results_markdown
+from cisslib.demo import joint_rows, results_markdown
 
 
 def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd.DataFrame:
@@ -20,8 +20,12 @@ def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd
 
 
 def test_results_markdown_reports_the_last_step_per_preset():
-    frames = [_summary("full", 3, 0.6, 0.2, 0.5), _summary("finetune", 3, 0.1, 0.4, 0.2),
-              _summary("joint", 1, 0.0, 0.0, 0.45)]
+    per_class = pd.DataFrame({
+        "run": "joint", "preset": "joint", "step": 0, "convention": "fg_only",
+        "class_index": [1, 2, 3, 4], "iou": [0.5, 0.7, 0.2, float("nan")],
+    })
+    joint = joint_rows(per_class, base=2)
+    frames = [_summary("full", 3, 0.6, 0.2, 0.5), _summary("finetune", 3, 0.1, 0.4, 0.2), joint]
     zs = pd.DataFrame({"run": "full", "preset": "full", "step": [0, 0, 1],
                        "class_index": [19, 20, 20], "class_name": "x", "step_added": [1, 2, 2],
                        "iou": [0.2, 0.4, 0.5]})
@@ -29,8 +33,8 @@ def test_results_markdown_reports_the_last_step_per_preset():
     lines = text.splitlines()
     assert "| full | 60.0 | 20.0 | 50.0 | 70.0 | 20.0 | 60.0 |" in lines
     assert "| finetune | 10.0 | 40.0 | 20.0 | 20.0 | 40.0 | 30.0 |" in lines
-    # joint: one step, base/novel stand for old/new
-    assert "| joint | 50.0 | 25.0 | 45.0 | 50.0 | 25.0 | 55.0 |" in lines
+    # joint: old = labels 1..2 (0.6), new = label 3 (label 4 has no GT), all = mean of 3 -> 0.4667
+    assert "| joint | 60.0 | 20.0 | 46.7 | n/a | n/a | n/a |" in lines
     # zero-shot: mean of future-class IoUs per step (0.3 after step 0, 0.5 after step 1)
     assert "| full | 30.0 | 50.0 |" in lines
     assert "Seeds: 42." in text
