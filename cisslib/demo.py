@@ -51,10 +51,10 @@ def joint_rows(per_class: pd.DataFrame, base: int) -> pd.DataFrame:
     ``mIoU_old`` over labels ``1..base`` (and background under ``with_bg``), ``mIoU_new`` over the
     rest, each the mean IoU of classes with ground truth."""
     rows = []
-    for (run, preset, step, conv), g in per_class.groupby(["run", "preset", "step", "convention"]):
+    for (name, preset, step, conv), g in per_class.groupby(["run", "preset", "step", "convention"]):
         old = g[(g["class_index"] <= base)]
         new = g[g["class_index"] > base]
-        rows.append({"run": run, "preset": preset, "step": step, "convention": conv,
+        rows.append({"run": name, "preset": preset, "step": step, "convention": conv,
                      "mIoU_old": old["iou"].mean(), "mIoU_new": new["iou"].mean(),
                      "mIoU": g["iou"].mean()})
     return pd.DataFrame(rows)
