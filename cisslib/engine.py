@@ -35,12 +35,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cisslib import build
 from cisslib.config import Config, from_dict, save_config, to_dict
+from cisslib.datasets import StepDataset
 from cisslib.diagnostics import PrototypeAccumulator, shift_rows
 from cisslib.io import atomic_torch_save
 from cisslib.metrics import SegMetrics
 from cisslib.runs import TABLES, RunDir, Table, setup_logging
 
 log = logging.getLogger("cisslib")
+
+IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +133,8 @@ def _set_rng_state(state: dict) -> None:
 
 def _mix(*ints: int) -> int:
     """A stable 63-bit seed from integers (SeedSequence hashing)."""
-    return int(np.random.SeedSequence([abs(int(i)) for i in ints]).generate_state(2, np.uint32)
-               .astype(np.uint64).view(np.uint64)[0] >> np.uint64(1))
+    state = np.random.SeedSequence([abs(int(i)) for i in ints]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,22 +188,6 @@ class SeededItems(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[k]
-
-
-class _ValItems(Dataset):
-    """Val items: test-resized image and RAW label (luts are applied per use on the tensor)."""
-
-    def __init__(self, source: Any, indices: list[int], transform: Any):
-        self.source, self.indices, self.transform = source, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        image, label = self.source.load(self.indices[k])
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-        lab = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        return self.transform(img, lab)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +308,6 @@ class Engine:
 
     def _loader(self, step: int, start: int) -> DataLoader:
         cfg = self.cfg
-        from cisslib.datasets import StepDataset
-
         indices = self.scenario.train_indices(self.membership, step)
         ds = StepDataset(
             self.train_source, indices, self.scenario.train_lut(step), self.train_transform
@@ -573,7 +558,8 @@ class Engine:
             n = min(n, self.cfg.eval.max_images)
         indices = list(range(self.dist.rank, n, self.dist.world))
         return DataLoader(
-            _ValItems(self.val_source, indices, self.test_transform),
+            # identity lut: raw labels; each use applies its own test lut on the tensor
+            StepDataset(self.val_source, indices, IDENTITY_LUT, self.test_transform),
             batch_size=1,
             num_workers=self.cfg.run.num_workers,
             generator=torch.Generator().manual_seed(0),
@@ -703,10 +689,7 @@ class LoadedStep:
     def segment(self, i: int, tau: float | None = None) -> dict:
         """Segment val image ``i``: ``image (H,W,3) uint8, gt (H,W), pred (H,W), scores (C,H,W)``."""
         _, test = build.build_transforms(self.cfg)
-        image, raw = self.val_source.load(i)
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-        img, lab = test(img, torch.from_numpy(np.asarray(raw, dtype=np.int64)))
-        lut = torch.as_tensor(self.scenario.test_lut(self.step).astype(np.int64))
+        img, gt = StepDataset(self.val_source, [i], self.scenario.test_lut(self.step), test)[0]
         e = self.cfg.eval
         labels, scores = self.model.segment(
             img[None].to(self.device), self.text.to(self.device), window=e.window, stride=e.stride,
@@ -714,7 +697,7 @@ class LoadedStep:
         )
         return {
             "image": img.permute(1, 2, 0).clamp(0, 255).round().byte().numpy(),
-            "gt": lut[lab].numpy(),
+            "gt": gt.numpy(),
             "pred": labels[0].cpu().numpy(),
             "scores": scores[0].float().cpu().numpy(),
         }
