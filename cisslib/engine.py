@@ -132,9 +132,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _mix(*ints: int) -> int:
-    """A stable 63-bit seed from integers (SeedSequence hashing)."""
-    state = np.random.SeedSequence([abs(int(i)) for i in ints]).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
+    """A stable seed from integers (SeedSequence hashing; the first 32-bit word, as published
+    results were produced with it)."""
+    state = np.random.SeedSequence([abs(int(i)) for i in ints]).generate_state(2, np.uint32)
+    return int(state.astype(np.uint64)[0] >> np.uint64(1))
 
 
 # --------------------------------------------------------------------------------------------
