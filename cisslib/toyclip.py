@@ -2,14 +2,21 @@
 
 ``pretrain_tiny_clip`` trains ``open_clip.model.CLIP(**model_cfg(cfg))`` with a symmetric InfoNCE
 loss (learnable logit scale) on a fixed pool of images of the toy world's ``"pretrain"`` stream
-(rendered once per run, ``render_pool``; disjoint from the segmentation ``train``/``val`` images;
-each batch samples it with random flips / 90-degree rotations), paired with captions built from the class names: single
-objects under several templates ("a photo of a red circle"), whole scenes and random crops of
-larger scenes ("a red circle and a blue star"). Captions that describe the same set of classes
-are all positives of each other (multi-positive soft targets). Pixels are normalised with OpenAI
-CLIP's mean/std. An optional curriculum (``curriculum_steps``) ramps the single objects from
-centred, upright, mid-sized shapes to the full distribution. The checkpoint is cached under ``cache_dir()/toyclip/<hash>.pt`` in cisslib's
-self-describing format ``{"format": "cisslib-clip", "model_cfg", "state_dict", "meta"}``.
+(rendered once per run, ``render_pool``; disjoint from the segmentation ``train``/``val``
+images; each batch samples it with random flips / 90-degree rotations), paired with captions
+built from the class names under several templates ("a photo of a red circle"). Captions that
+describe the same set of classes are all positives of each other (multi-positive soft targets).
+Pixels are normalised with OpenAI CLIP's mean/std.
+
+The default recipe uses single-object images only, in batches of 32 for 2400 steps (about 3.7
+minutes on 2 CPU cores, zero-shot accuracy 0.94 on 1000 held-out images). Whole scenes and
+crops of larger scenes with multi-object captions ("a red circle and a blue bar") are options
+(``single_fraction``, ``crop_fraction``); in the measured runs they slowed the learning of shape
+(the model matched captions by colour). An optional curriculum (``curriculum_steps``) ramps the
+single objects from centred, upright, mid-sized shapes to the full distribution.
+
+The checkpoint is cached under ``cache_dir()/toyclip/<hash>.pt`` in cisslib's self-describing
+format ``{"format": "cisslib-clip", "model_cfg", "state_dict", "meta"}``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from cisslib.toyworld import (
 log = logging.getLogger("cisslib")
 
 CHECKPOINT_FORMAT = "cisslib-clip"
-_RECIPE_VERSION = "toyclip-v2"
+_RECIPE_VERSION = "toyclip-v3"
 ZERO_SHOT_TEMPLATE = "a photo of a {}"
 SINGLE_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
@@ -81,23 +88,23 @@ class ToyClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 16
-    steps: int = 600  # ~3 min on 2 loaded CPU cores
-    batch_size: int = 128
-    lr: float = 2e-3
+    steps: int = 2400  # ~3.7 min on 2 CPU cores
+    batch_size: int = 32  # small batches, many steps: learned shape faster than 128 x 600
+    lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 30
-    logit_scale_init: float = 1 / 0.07  # initial exp(logit_scale) (learnable, clamped to 100)
+    warmup: int = 100
+    logit_scale_init: float = 30.0  # initial exp(logit_scale) (learnable, clamped to 100)
     seed: int = 0
     threads: int = 2  # fixed torch thread count (results depend on it)
     pool_size: int = 16384  # images rendered once per run; every batch samples from them
     curriculum_steps: int = 0  # single objects' difficulty ramps up (see render_pool)
     curriculum_levels: int = 5  # difficulty levels of the single-object images
-    single_fraction: float = 0.7  # share of single-object images in the pool and in a batch
-    crop_fraction: float = 0.15  # share of image_size crops of scene_size scenes; the rest: scenes
+    single_fraction: float = 1.0  # share of single-object images in the pool and in a batch
+    crop_fraction: float = 0.0  # share of image_size crops of scene_size scenes; the rest: scenes
     scene_size: int = 64
     min_crop_pixels: int = 6  # a class is named in a crop's caption if it covers this many pixels
     eval_n: int = 1000  # zero-shot images evaluated after training (recorded in meta)
-    log_every: int = 50  # one log line per this many steps (not part of the cache key)
+    log_every: int = 200  # one log line per this many steps (not part of the cache key)
 
     def __post_init__(self) -> None:
         ints = (
@@ -174,9 +181,9 @@ def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def multi_caption(labels: list[int], articles: bool = True) -> str:
-    """``[1, 8]`` -> ``"a red circle and a blue star"`` (raw labels, in the given order).
+    """``[1, 8]`` -> ``"a red circle and a blue bar"`` (raw labels, in the given order).
 
-    ``articles=False`` drops the "a": ``"red circle and blue star"`` (shorter, for long lists).
+    ``articles=False`` drops the "a": ``"red circle and blue bar"`` (shorter, for long lists).
     """
     names = [f"a {TOY_CLASSES[lab - 1]}" if articles else TOY_CLASSES[lab - 1] for lab in labels]
     if len(names) == 1:
@@ -501,18 +508,19 @@ def checkpoint_meta(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(
+def zero_shot_predictions(
     model: open_clip.model.CLIP,
     tokenizer: SimpleTokenizer,
     n: int = 1000,
     seed: int = 1,
     image_size: int | None = None,
     batch_size: int = 250,
-) -> float:
-    """Top-1 zero-shot accuracy on ``n`` held-out single-object images (toy ``val`` split).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot class of ``n`` held-out single-object images (toy ``val`` split, ``seed``).
 
-    Each image is classified by its nearest class prompt ``"a photo of a {name}"`` over the 20
-    toy classes. ``image_size`` defaults to the model's input size.
+    Each image gets the class whose prompt ``"a photo of a {name}"`` is nearest over the 20 toy
+    classes. Returns ``(truth, predicted)``, int arrays ``(n,)`` of class indices 0..19 (raw label
+    minus 1). ``image_size`` defaults to the model's input size.
     """
     if n < 1:
         raise ValueError(f"n={n} must be >= 1 (number of zero-shot images)")
@@ -523,15 +531,28 @@ def zero_shot_accuracy(
     world = ToyWorld("val", size=size, length=n, seed=seed, single_object=True)
     prompts = tokenizer([ZERO_SHOT_TEMPLATE.format(c) for c in TOY_CLASSES]).to(device)
     text = model.encode_text(prompts, normalize=True)
-    correct = 0
+    truth, pred = [], []
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         images = np.stack([world.load(i)[0] for i in idx])
-        truth = torch.tensor([world.objects(i)[0].label - 1 for i in idx], device=device)
+        truth.extend(world.objects(i)[0].label - 1 for i in idx)
         emb = model.encode_image(normalize_images(images).to(device), normalize=True)
-        correct += int(((emb @ text.t()).argmax(dim=1) == truth).sum())
+        pred.append((emb @ text.t()).argmax(dim=1).cpu().numpy())
     model.train(was_training)
-    return correct / n
+    return np.asarray(truth, dtype=np.int64), np.concatenate(pred).astype(np.int64)
+
+
+def zero_shot_accuracy(
+    model: open_clip.model.CLIP,
+    tokenizer: SimpleTokenizer,
+    n: int = 1000,
+    seed: int = 1,
+    image_size: int | None = None,
+    batch_size: int = 250,
+) -> float:
+    """Top-1 zero-shot accuracy on ``n`` held-out single-object images (``zero_shot_predictions``)."""
+    truth, pred = zero_shot_predictions(model, tokenizer, n, seed, image_size, batch_size)
+    return float((truth == pred).mean())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cisslib.toyclip as tc
-from cisslib.toyworld import TOY_CLASSES
+from cisslib.toyworld import TOY_CLASSES, TOY_COLOURS
 
 
 def _tiny(**kw) -> tc.ToyClipConfig:
@@ -65,8 +65,8 @@ def test_contrastive_loss_against_hand_computation():
 
 def test_captions():
     assert tc.multi_caption([1]) == "a red circle"
-    assert tc.multi_caption([1, 8]) == "a red circle and a blue star"
-    assert tc.multi_caption([1, 8, 2], articles=False) == "red circle, blue star and green square"
+    assert tc.multi_caption([1, 8]) == "a red circle and a blue bar"
+    assert tc.multi_caption([1, 8, 2], articles=False) == "red circle, blue bar and green ring"
     tok = tc.SimpleTokenizer(context_length=16)
     rng = np.random.default_rng(0)
     four = [20, 19, 15, 11]  # long names
@@ -182,7 +182,7 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
     model, tok = tc.load_tiny_clip(path)
     ref = trained["model"]
     x = torch.randn(2, 3, 32, 32)
-    t = tok(["a photo of a red circle", "a blue star"])
+    t = tok(["a photo of a red circle", "a blue bar"])
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), ref.encode_image(x))
         assert torch.equal(model.encode_text(t), ref.encode_text(t))
@@ -231,3 +231,44 @@ def test_cli_prints_path_seconds_accuracy(capsys):
     )
     out = capsys.readouterr().out
     assert "path:" in out and "seconds:" in out and "zero_shot_accuracy:" in out
+
+
+class _ColourOnlyClip(torch.nn.Module):
+    """Reads the object's colour from the pixels and always answers "<colour> circle"."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.visual = type("V", (), {"image_size": (32, 32)})()
+
+    def encode_text(self, tokens, normalize=True):
+        assert tokens.shape[0] == len(TOY_CLASSES)
+        return torch.eye(len(TOY_CLASSES))
+
+    def encode_image(self, x, normalize=True):
+        mean = torch.tensor(tc.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(tc.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        rgb = (x * std + mean) * 255
+        chroma = rgb.amax(dim=1) - rgb.amin(dim=1)  # objects are saturated, the background not
+        out = torch.zeros(x.shape[0], len(TOY_CLASSES))
+        names = list(TOY_COLOURS)
+        for b in range(x.shape[0]):
+            colour = rgb[b][:, chroma[b] > 100].mean(dim=1)
+            ref = torch.tensor([TOY_COLOURS[n] for n in names], dtype=torch.float32)
+            c = names[int((ref - colour).norm(dim=1).argmin())]
+            out[b, TOY_CLASSES.index(f"{c} circle")] = 1.0
+        return out
+
+
+def test_zero_shot_predictions_against_the_drawn_objects():
+    truth, pred = tc.zero_shot_predictions(_ColourOnlyClip(), tc.SimpleTokenizer(context_length=16), n=60)
+    world = tc.ToyWorld("val", size=32, length=60, seed=1, single_object=True)
+    want_truth = [world.objects(i)[0].label - 1 for i in range(60)]
+    np.testing.assert_array_equal(truth, want_truth)
+    # the colour part is always right, the shape is always "circle"
+    assert all(TOY_CLASSES[p].split()[0] == TOY_CLASSES[t].split()[0] for t, p in zip(truth, pred))
+    assert all(TOY_CLASSES[p].endswith(" circle") for p in pred)
+    circles = np.mean([TOY_CLASSES[t].endswith(" circle") for t in truth])
+    assert 0 < circles < 1
+    acc = tc.zero_shot_accuracy(_ColourOnlyClip(), tc.SimpleTokenizer(context_length=16), n=60)
+    assert acc == pytest.approx(circles)

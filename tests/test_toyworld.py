@@ -35,12 +35,12 @@ def test_classes_names_and_interleaved_order():
     assert len(TOY_CLASSES) == 20 and len(set(TOY_CLASSES)) == 20
     assert TOY_CLASSES[:5] == [
         "red circle",
-        "green square",
-        "blue triangle",
-        "yellow star",
+        "green ring",
+        "blue cross",
+        "yellow bar",
         "purple circle",
     ]
-    assert TOY_CLASSES[-1] == "purple star"
+    assert TOY_CLASSES[-1] == "purple bar"
     # every block the protocol cuts (first 15, last 5, first 10, last 10) mixes colours and shapes
     for block in (
         TOY_CLASS_PARTS[:15],
@@ -53,19 +53,6 @@ def test_classes_names_and_interleaved_order():
     assert {c for c, _ in TOY_CLASS_PARTS[15:]} == set(TOY_COLOURS)
 
 
-def test_square_mask_by_hand():
-    # circumradius 4*sqrt(2), angle 0 -> axis-aligned square of half-side 4 around (8, 8):
-    # pixel centres 4.5 .. 11.5 are inside, so rows/cols 4..11
-    m = shape_mask("square", 8.0, 8.0, 4 * math.sqrt(2), 0.0, 16)
-    want = np.zeros((16, 16), bool)
-    want[4:12, 4:12] = True
-    np.testing.assert_array_equal(m, want)
-    # rotated by 90 degrees it is the same square
-    np.testing.assert_array_equal(
-        shape_mask("square", 8.0, 8.0, 4 * math.sqrt(2), math.pi / 2, 16), want
-    )
-
-
 def test_circle_mask_by_hand():
     # radius 2.5 around (5, 5): centre offsets (+-0.5, +-1.5) are inside (max 2.12), offset 2.5
     # along an axis with 0.5 across is at 2.55 -> outside: exactly the 4x4 block rows/cols 3..6
@@ -75,46 +62,88 @@ def test_circle_mask_by_hand():
     np.testing.assert_array_equal(m, want)
 
 
-def test_triangle_and_star_by_hand():
-    # triangle, circumradius 8 at (10, 10), apex up at y = 2, base at y = 14
-    t = shape_mask("triangle", 10.0, 10.0, 8.0, 0.0, 20)
-    assert t[13, 9] and t[13, 10] and not t[14, 10]  # pixel centre y=13.5 in, 14.5 out
-    assert t[3, 9] and not t[1, 9]  # near the apex only the middle columns
-    assert not t[13, 2] and not t[13, 17]  # base half-width is 8 * sin(60) = 6.93
-    # star, outer radius 8 at (10, 10): the tip straight up is inside, the notch between the two
-    # upper tips (36 deg off the vertical, beyond the inner radius 3.6) is outside
-    s = shape_mask("star", 10.0, 10.0, 8.0, 0.0, 20)
-    assert s[3, 9] and s[10, 10]
-    ang = math.radians(36)
-    y, x = int(10 - 5 * math.cos(ang)), int(10 + 5 * math.sin(ang))
-    assert not s[y, x]
-    # the star covers less than its circumcircle and more than its inner circle
-    circle_area = shape_mask("circle", 10.0, 10.0, 8.0, 0.0, 20).sum()
-    assert shape_mask("circle", 10.0, 10.0, 3.6, 0.0, 20).sum() < s.sum() < circle_area
+def test_ring_mask_by_hand():
+    # outer radius 4 around (8, 8), hole radius 2: the disc of radius 4 minus the disc of radius 2
+    m = shape_mask("ring", 8.0, 8.0, 4.0, 1.1, 16)
+    disc = shape_mask("circle", 8.0, 8.0, 4.0, 0.0, 16)
+    hole = shape_mask("circle", 8.0, 8.0, 2.0 - 1e-9, 0.0, 16)
+    np.testing.assert_array_equal(m, disc & ~hole)
+    assert not m[8, 8] and not m[7, 7]  # centre offsets 0.5 / 0.71: in the hole
+    assert m[8, 11] and not m[8, 12]  # offsets (3.5, 0.5) -> 3.54 on the ring; (4.5, 0.5) outside
+    assert m[8, 10]  # offsets (2.5, 0.5) -> 2.55 >= 2
+
+
+def test_cross_mask_by_hand():
+    # circumradius 10 at (10, 10): arms of half-width 3.6 and half-length sqrt(100 - 3.6^2) = 9.33
+    c = shape_mask("cross", 10.0, 10.0, 10.0, 0.0, 20)
+    assert c[10, 1] and not c[10, 0]  # offset -8.5 is on the arm, -9.5 beyond its end
+    assert c[13, 10] and c[10, 13]  # offsets (0.5, 3.5): in the arm across the centre
+    assert not c[5, 5] and not c[14, 14]  # the concave notches between the arms
+    assert not c[14, 2]  # offsets (-7.5, 4.5): beside the horizontal arm
+    # rows 6..13 (|dy| <= 3.5 <= 3.6) are full from col 1 to 18 (|dx| <= 8.5), so are cols 6..13
+    want = np.zeros((20, 20), bool)
+    want[6:14, 1:19] = True
+    want[1:19, 6:14] = True
+    np.testing.assert_array_equal(c, want)
+    assert c.sum() == 2 * 8 * 18 - 8 * 8
+    np.testing.assert_array_equal(shape_mask("cross", 10.0, 10.0, 10.0, math.pi / 2, 20), c)
+    # turned by 45 degrees the notch pixel (5, 5) lies on the diagonal arm
+    assert shape_mask("cross", 10.0, 10.0, 10.0, math.pi / 4, 20)[5, 5]
+
+
+def test_bar_mask_by_hand():
+    # circumradius 10 at (10, 10), width/length 0.3: half-length 10 / sqrt(1.09) = 9.58, half-width
+    # 2.87 -> pixel centres with |dx| <= 9.5 and |dy| <= 2.5: rows 7..12, all 20 columns
+    b = shape_mask("bar", 10.0, 10.0, 10.0, 0.0, 20)
+    want = np.zeros((20, 20), bool)
+    want[7:13, :] = True
+    np.testing.assert_array_equal(b, want)
+    np.testing.assert_array_equal(shape_mask("bar", 10.0, 10.0, 10.0, math.pi / 2, 20), want.T)
+
+
+@pytest.mark.parametrize("shape", ["circle", "ring", "cross", "bar"])
+def test_every_shape_lies_in_its_circumcircle(shape):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cx, cy = rng.uniform(8, 24, size=2)
+        r, angle = rng.uniform(2, 8), rng.uniform(0, 2 * math.pi)
+        m = shape_mask(shape, cx, cy, r, angle, 32)
+        assert m.any()
+        assert not (m & ~shape_mask("circle", cx, cy, r, 0.0, 32)).any()
+
+
+def test_unknown_shape_is_refused():
+    with pytest.raises(ValueError, match="shape='star'"):
+        shape_mask("star", 5.0, 5.0, 3.0, 0.0, 10)
 
 
 def test_occlusion_later_object_wins():
-    square = _obj("red", "square", 8.0, 8.0, 4 * math.sqrt(2))  # rows/cols 4..11
-    circle = _obj("blue", "circle", 12.0, 12.0, 2.5)  # rows/cols 10..13
-    label = render_labels([square, circle], 16)
-    want = np.zeros((16, 16), np.uint8)
-    want[4:12, 4:12] = square.label
-    want[10:14, 10:14] = circle.label
+    bar = _obj("red", "bar", 10.0, 10.0, 10.0)  # rows 7..12, all columns
+    circle = _obj("blue", "circle", 14.0, 14.0, 2.5)  # rows/cols 12..15
+    label = render_labels([bar, circle], 20)
+    want = np.zeros((20, 20), np.uint8)
+    want[7:13, :] = bar.label
+    want[12:16, 12:16] = circle.label
     np.testing.assert_array_equal(label, want)
-    img, lab2 = render_scene([square, circle], 16, np.random.default_rng(0))
+    img, lab2 = render_scene([bar, circle], 20, np.random.default_rng(0))
     np.testing.assert_array_equal(lab2, want)
     # the visible pixels of each object carry its colour (shading/noise only change luminance)
-    blue = img[10:14, 10:14].astype(float)
+    blue = img[12:16, 12:16].astype(float)
     assert np.all(blue[..., 2] - blue[..., 0] > 100)
-    red = img[4:10, 4:10].astype(float)
+    red = img[7:12, 0:12].astype(float)
     assert np.all(red[..., 0] - red[..., 2] > 100)
 
 
 def test_fully_occluded_object_is_not_present():
     small = _obj("green", "circle", 8.0, 8.0, 2.0)
-    big = _obj("yellow", "square", 8.0, 8.0, 6 * math.sqrt(2))
+    big = _obj("yellow", "circle", 8.0, 8.0, 6.0)
     label = render_labels([small, big], 16)
     assert set(np.unique(label)) == {0, big.label}
+    # a ring's hole does not hide what is behind it
+    ring = _obj("blue", "ring", 8.0, 8.0, 6.0)
+    label = render_labels([small, ring], 16)
+    assert set(np.unique(label)) == {0, small.label, ring.label}
+    assert label[8, 8] == small.label
 
 
 def test_world_deterministic_and_seed_dependent():
@@ -147,10 +176,10 @@ def test_pinned_pixels():
     # transcendentals, so allow a few +-1 rounding flips on other CPUs
     assert np.unique(lab).tolist() == [0, 15]
     assert int((lab == 15).sum()) == PINNED_AREA
-    assert abs(int(img.astype(np.int64).sum()) - 404128) <= 64
+    assert abs(int(img.astype(np.int64).sum()) - 404016) <= 64
 
 
-PINNED_AREA = 14
+PINNED_AREA = 16
 
 
 def test_present_labels_matches_label_map_and_objects():
