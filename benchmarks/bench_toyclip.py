@@ -45,7 +45,7 @@ def main() -> None:
     np.add.at(confusion, (shape[truth], shape[pred]), 1)
     print("  shape confusion (rows: truth, columns: predicted)")
     print("  " + " ".join(f"{s:>8s}" for s in ["", *shapes]))
-    for s, row in zip(shapes, confusion):
+    for s, row in zip(shapes, confusion, strict=True):
         print("  " + f"{s:>8s} " + " ".join(f"{v:8d}" for v in row))
 
 

@@ -266,7 +266,8 @@ def test_zero_shot_predictions_against_the_drawn_objects():
     want_truth = [world.objects(i)[0].label - 1 for i in range(60)]
     np.testing.assert_array_equal(truth, want_truth)
     # the colour part is always right, the shape is always "circle"
-    assert all(TOY_CLASSES[p].split()[0] == TOY_CLASSES[t].split()[0] for t, p in zip(truth, pred))
+    pairs = zip(truth, pred, strict=True)
+    assert all(TOY_CLASSES[p].split()[0] == TOY_CLASSES[t].split()[0] for t, p in pairs)
     assert all(TOY_CLASSES[p].endswith(" circle") for p in pred)
     circles = np.mean([TOY_CLASSES[t].endswith(" circle") for t in truth])
     assert 0 < circles < 1
