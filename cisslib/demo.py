@@ -94,19 +94,38 @@ def results_markdown(frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], 
     return "\n".join(lines) + "\n"
 
 
+def joint_budget(cfg) -> int:
+    """Iterations of the ``joint`` run in a results table: an incremental run's total.
+
+    ``train.base.iters + n_incremental_steps * train.incremental.iters``, so the upper bound is
+    trained on as many iterations as every incremental preset (with the base schedule alone it
+    would see fewer, and a short toy schedule then ranks it below the incremental runs).
+    """
+    from cisslib.protocol import parse_setting
+
+    k, base, inc = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)
+    steps = (k - base) // inc if inc else 0
+    return cfg.train.base.iters + steps * cfg.train.incremental.iters
+
+
 def results_table(out: Path, params: Path, seeds: Sequence[int], presets: Sequence[str],
                   overrides: Sequence[str] = (), doc: Path | None = None) -> Path:
-    """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``."""
+    """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``.
+
+    ``joint`` trains for :func:`joint_budget` iterations (``train.base.iters`` overridden).
+    """
     from cisslib.config import load_config
     from cisslib.protocol import parse_setting
 
     cfg = load_config(params, overrides)
     base = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)[1]
+    joint_iters = joint_budget(cfg)
     frames, zero = [], []
     for seed in seeds:
         for preset in presets:
             run_dir = out / f"{preset}_seed{seed}"
-            run(params, overrides=[*overrides, f"run.preset={preset}", f"run.seed={seed}"],
+            extra = [f"train.base.iters={joint_iters}"] if preset == "joint" else []
+            run(params, overrides=[*overrides, *extra, f"run.preset={preset}", f"run.seed={seed}"],
                 out=run_dir, resume=(run_dir / "config.yaml").is_file())
             if preset == "joint":
                 per_class = pd.read_csv(run_dir / "metrics" / "per_class.csv")
@@ -117,6 +136,9 @@ def results_table(out: Path, params: Path, seeds: Sequence[int], presets: Sequen
             if zpath.is_file() and preset in ("full", "finetune"):
                 zero.append(pd.read_csv(zpath))
     text = results_markdown(frames, zero, seeds, f"Toy results ({Path(params).stem})")
+    if "joint" in presets:
+        text += (f"\njoint trained for {joint_iters} iterations, the total of an incremental run "
+                 f"({cfg.train.base.iters} + {joint_iters - cfg.train.base.iters}).\n")
     path = out / "results.md"
     atomic_write_text(path, text)
     if doc is not None:

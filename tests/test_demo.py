@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from cisslib.demo import joint_rows, results_markdown
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
 def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd.DataFrame:
@@ -38,3 +42,18 @@ def test_results_markdown_reports_the_last_step_per_preset():
     # zero-shot: mean of future-class IoUs per step (0.3 after step 0, 0.5 after step 1)
     assert "| full | 30.0 | 50.0 |" in lines
     assert "Seeds: 42." in text
+
+
+def test_joint_budget_is_an_incremental_runs_total():
+    from cisslib.config import load_config
+    from cisslib.demo import joint_budget
+
+    cfg = load_config(PARAMS / "toy_15-1.yaml", ["train.base.iters=100",
+                                                     "train.incremental.iters=7"])
+    assert joint_budget(cfg) == 100 + 5 * 7  # 15-1: five incremental steps
+    cfg = load_config(PARAMS / "toy_10-1.yaml", ["train.base.iters=100",
+                                                     "train.incremental.iters=7"])
+    assert joint_budget(cfg) == 100 + 10 * 7
+    cfg = load_config(PARAMS / "toy_15-5.yaml", ["train.base.iters=100",
+                                                     "train.incremental.iters=7"])
+    assert joint_budget(cfg) == 100 + 7
