@@ -135,8 +135,12 @@ def execute_notebook(
     kernel: str = "python3",
     log_output: bool = False,
     cwd: str | os.PathLike | None = None,
+    execution_timeout: float | None = None,
 ) -> Path:
     """Execute a notebook with papermill, injecting ``parameters``; return ``out_ipynb``.
+
+    ``execution_timeout``: seconds one cell may run before it is stopped with an error (default:
+    no limit), so an unattended batch run cannot hang forever.
 
     The executed copy appears at ``out_ipynb`` only when complete. If a cell fails, the partial
     copy (with the traceback) is still moved to ``out_ipynb`` and a one-line ``RuntimeError``
@@ -162,6 +166,7 @@ def execute_notebook(
                 log_output=log_output,
                 progress_bar=False,
                 cwd=str(cwd) if cwd is not None else os.getcwd(),
+                execution_timeout=execution_timeout,
             )
     except pm.PapermillExecutionError as err:
         os.replace(tmp, out)

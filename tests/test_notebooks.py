@@ -21,6 +21,7 @@ from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 from cisslib import workbook  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+CELL_TIMEOUT = 300  # seconds per cell: a hung kernel fails the test instead of stalling CI
 EXPECTED_PARAMETERS = {
     "run_scenario": ["params_file", "overrides", "out_dir", "steps"],
     "forgetting": ["run_dirs", "convention"],
@@ -93,7 +94,11 @@ def test_report_keeps_executed_notebooks(report):
 def test_semantic_shift_without_probes_notes_absence(tmp_path):
     run = write_fake_run(tmp_path, "full", run="bare", zero_shot=False, shift=False)
     out = workbook.execute_notebook(
-        "semantic_shift", tmp_path / "ss.ipynb", {"run_dirs": [str(run)]}, cwd=tmp_path
+        "semantic_shift",
+        tmp_path / "ss.ipynb",
+        {"run_dirs": [str(run)]},
+        cwd=tmp_path,
+        execution_timeout=CELL_TIMEOUT,
     )
     html = workbook.export_html(out, tmp_path / "ss.html").read_text()
     assert html.count("<img") == 2  # the two notes are figures
@@ -108,7 +113,11 @@ def test_failed_notebook_raises_one_line_and_keeps_copy(tmp_path):
         RuntimeError, match=r"forgetting.ipynb failed in cell \d+: FileNotFoundError"
     ):
         workbook.execute_notebook(
-            "forgetting", out, {"run_dirs": [str(tmp_path / "nowhere")]}, cwd=tmp_path
+            "forgetting",
+            out,
+            {"run_dirs": [str(tmp_path / "nowhere")]},
+            cwd=tmp_path,
+            execution_timeout=CELL_TIMEOUT,
         )
     nb = nbformat.read(out, as_version=4)
     errors = [o for o in _code_outputs(nb) if o.output_type == "error"]
@@ -125,6 +134,7 @@ def scenario_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         root / "run_scenario.ipynb",
         {"params_file": "params/smoke.yaml", "out_dir": str(root / "run"), "steps": [0, 1]},
         cwd=NOTEBOOKS.parent,
+        execution_timeout=CELL_TIMEOUT,
     )
     return out, root / "run"
 
@@ -140,8 +150,27 @@ def test_run_scenario_notebook(scenario_run, tmp_path):
 def test_explorer_notebook(scenario_run, tmp_path):
     _, run_dir = scenario_run
     out = workbook.execute_notebook(
-        "explorer", tmp_path / "explorer.ipynb", {"run_dir": str(run_dir)}, cwd=tmp_path
+        "explorer",
+        tmp_path / "explorer.ipynb",
+        {"run_dir": str(run_dir)},
+        cwd=tmp_path,
+        execution_timeout=CELL_TIMEOUT,
     )
     outputs = _code_outputs(nbformat.read(out, as_version=4))
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_cell_timeout_stops_a_hung_cell_and_leaves_no_copy(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell("seconds = 0")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(seconds)")]
+    src = tmp_path / "sleepy.ipynb"
+    nbformat.write(nb, src)
+    out = tmp_path / "run" / "sleepy.ipynb"
+    with pytest.raises(Exception, match="(?i)timed out|timeout"):
+        workbook.execute_notebook(src, out, {"seconds": 60}, cwd=tmp_path, execution_timeout=2)
+    assert not out.exists() and list(out.parent.iterdir()) == []
