@@ -310,8 +310,9 @@ def make_batch(
 
     Deterministic in ``(cfg, pool, step)``: a Philox generator seeded with ``(cfg.seed, step)``
     draws ``single_fraction`` / ``crop_fraction`` of the batch without replacement from the
-    pool's sections (after ``cfg.single_steps`` steps of single objects only), a random flip /
-    90-degree rotation per image (every class is invariant to them) and the captions.
+    pool's sections (single objects only from the curriculum levels reached by ``step``, see
+    ``curriculum_steps``), a random flip / 90-degree rotation per image (every class is invariant
+    to them) and the captions.
     """
     b = cfg.batch_size
     rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 7919, step])))
