@@ -161,7 +161,27 @@ def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
         pixel_std=std,
         double_cls_embedding=m.double_cls_embedding,
         drop_path_active=m.drop_path_active,
+        pos_embed_grid=pos_embed_grid(cfg, clip.model),
     )
+
+
+def pos_embed_grid(cfg: Config, clip_model: torch.nn.Module) -> tuple[int, int] | None:
+    """The trained positional-embedding grid of ``model.pos_embed_grid`` (None: the checkpoint's).
+
+    ``crop`` = the training crop's token grid (authors, SPEC 1.1), e.g. 512 / 16 = 32.
+    """
+    choice = cfg.model.pos_embed_grid
+    if choice == "checkpoint":
+        return None
+    if choice == "crop":
+        patch = int(clip_model.visual.conv1.kernel_size[0])
+        if cfg.train.crop % patch:
+            raise ConfigError(
+                f"train.crop {cfg.train.crop} is not a multiple of the CLIP patch size {patch}; "
+                f"use a multiple such as {patch * max(1, cfg.train.crop // patch)}"
+            )
+        return (cfg.train.crop // patch,) * 2
+    return (int(choice), int(choice))
 
 
 def build_criterion(cfg: Config) -> CISSCriterion:

@@ -356,10 +356,12 @@ class DenseCLIPEncoder(nn.Module):
         drop_path_rate: stochastic depth rate, linearly increasing over blocks (``DropPath`` is
             built by the authors but never called).
         drop_path_active: apply it (``False`` = authors: inert).
-        pos_embed_size: if set, the positional-embedding parameter is resized once here to the
-            grid of a ``pos_embed_size`` square input (the authors resize 14x14 -> 32x32 for 512
-            crops at load time). ``None`` keeps the checkpoint's grid. Either way it is resized
-            again in ``forward`` to the actual token grid.
+        pos_embed_grid: ``(h, w)`` token grid of the trained positional-embedding table. The
+            checkpoint's table is resized to it once, here (bilinear, ``align_corners=False``,
+            CLS row kept), and that table is the parameter that trains: the authors resize
+            OpenAI's 14x14 to 32x32 for 512 crops at load (SPEC 1.1). ``None`` keeps the
+            checkpoint's grid as the parameter. Either way ``forward`` interpolates the table
+            only when the input's token grid differs from it (e.g. windows of another size).
     """
 
     def __init__(
@@ -371,7 +373,7 @@ class DenseCLIPEncoder(nn.Module):
         double_cls_embedding: bool = True,
         drop_path_rate: float = 0.1,
         drop_path_active: bool = False,
-        pos_embed_size: int | None = None,
+        pos_embed_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         for attr in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post"):
@@ -417,12 +419,14 @@ class DenseCLIPEncoder(nn.Module):
             raise ValueError(
                 f"DenseCLIPEncoder: positional embedding of {rows + 1} rows fits no grid"
             )
-        if pos_embed_size is not None:
-            g = pos_embed_size // self.patch_size
+        if pos_embed_grid is not None and tuple(pos_embed_grid) != tuple(grid):
+            target = (int(pos_embed_grid[0]), int(pos_embed_grid[1]))
+            if min(target) < 1:
+                raise ValueError(f"DenseCLIPEncoder: pos_embed_grid {target} must be positive")
             with torch.no_grad():
-                new = interpolate_pos_embed(visual.positional_embedding.data, grid, (g, g))
+                new = interpolate_pos_embed(visual.positional_embedding.data, grid, target)
             visual.positional_embedding = nn.Parameter(new.clone())
-            grid = (g, g)
+            grid = target
         self.pos_grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
 
     def _block(self, i: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,13 @@ class ModelConfig:
     pixel_norm: str = "imagenet"  # imagenet (authors, SPEC 1.1) | clip
     double_cls_embedding: bool = True  # authors' quirk (SPEC 1.1)
     drop_path_active: bool = False  # authors build drop path 0.1 but never call it (SPEC 1.1)
+    # trained positional-embedding grid: "crop" (authors, SPEC 1.1: the checkpoint's table resized
+    # once to train.crop / patch, e.g. 14x14 -> 32x32), "checkpoint" (keep the checkpoint's grid,
+    # interpolate in every forward), or an int N (an N x N table)
+    pos_embed_grid: int | str = "crop"
+    # step-0 segmenter weights (a cisslib step{t}.pt or the authors' model_best.pth) loaded over
+    # the CLIP weights before training; the GPD reference stays the original CLIP
+    init_weights: str | None = None
 
 
 @dataclass
@@ -149,6 +156,9 @@ class EvalConfig:
     stride: int = 341
     tau: float = 0.5  # with_bg convention: background where max score < tau
     max_images: int = 0  # evaluate on the first N val images only (0 = all)
+    # mIoU denominator: gt_or_pred (authors / detectron2: classes with GT or predicted pixels;
+    # a predicted-only class counts as IoU 0) | gt (classes with GT pixels only)
+    miou_denominator: str = "gt_or_pred"
     zero_shot_probe: bool = True  # IoU of future classes before they are learned
     shift_diagnostics: bool = True  # prototype-text cosine and drift per class
 
@@ -197,6 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pixel_norm": ("imagenet", "clip"),
     "loss.gpd_reduction": ("sum", "mean"),
     "loss.gpd_pool_at": ("mask", "feature"),
+    "eval.miou_denominator": ("gt_or_pred", "gt"),
 }
 
 
@@ -336,6 +347,14 @@ def validate(cfg: Config, where: str = "config") -> None:
             f"{where}: eval.stride ({cfg.eval.stride}) exceeds eval.window ({cfg.eval.window}): "
             "pixels would be skipped; use a stride <= window"
         )
+    grid = cfg.model.pos_embed_grid
+    if isinstance(grid, str) and grid not in ("crop", "checkpoint"):
+        raise ConfigError(
+            f"{where}: key 'model.pos_embed_grid' is {grid!r}; use crop, checkpoint or a "
+            "positive integer (N x N grid)"
+        )
+    if isinstance(grid, int) and grid < 1:
+        raise ConfigError(f"{where}: key 'model.pos_embed_grid' must be positive, got {grid}")
     if not cfg.train.short_sides:
         raise ConfigError(f"{where}: key 'train.short_sides' must list at least one size")
 

@@ -49,13 +49,15 @@ class DecoderLayer(nn.Module):
     """Post-norm decoder layer with ``nn.TransformerDecoderLayer`` defaults (SPEC 1.3.3).
 
     self-attention over the C queries -> add & LN -> cross-attention to memory -> add & LN ->
-    FFN (ReLU) -> add & LN. Dropout 0.1 everywhere, LayerNorm eps 1e-5.
+    FFN (ReLU) -> add & LN. LayerNorm eps 1e-5. ``dropout`` is every dropout of the layer: the
+    self-attention's attention weights, the cross-attention's attention weights (the authors
+    hard-code 0.1 there, equal to their default), and the three residual/FFN dropouts.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = CrossAttention(dim, num_heads, attn_drop=0.1)
+        self.cross_attn = CrossAttention(dim, num_heads, attn_drop=dropout)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm1 = nn.LayerNorm(dim)

@@ -40,6 +40,7 @@ from cisslib.diagnostics import PrototypeAccumulator, shift_rows
 from cisslib.io import atomic_torch_save
 from cisslib.metrics import SegMetrics
 from cisslib.runs import TABLES, RunDir, Table, setup_logging
+from cisslib.weights import load_segmenter_weights
 
 log = logging.getLogger("cisslib")
 
@@ -384,6 +385,9 @@ class Engine:
                 from cisslib.segmenter import frozen_encoder_copy
 
                 reference = frozen_encoder_copy(model.encoder)
+            if cfg.model.init_weights:
+                layout = load_segmenter_weights(model, cfg.model.init_weights)
+                log.info("step 0: weights from %s (%s layout)", cfg.model.init_weights, layout)
         else:
             self._load_step_weights(model, step - 1)
             if cfg.loss.use_gpd or cfg.loss.use_qd:
@@ -539,6 +543,7 @@ class Engine:
                 "text": self.text,
                 "class_names": self.class_names,
                 "num_seen": self.scenario.num_seen(step),
+                "pos_embed_grid": list(_unwrap(model).encoder.pos_grid),
                 "summary": summary,
             }
             if self.cfg.train.select_best_on_val and best["state"] is not None:
@@ -613,8 +618,11 @@ class Engine:
         lut_t = torch.as_tensor(sc.test_lut(step).astype(np.int64))
         lut_all = torch.as_tensor(sc.test_lut(sc.n_steps - 1).astype(np.int64))
         do_probe = probe and cfg.eval.zero_shot_probe and c_t < k
-        metrics = SegMetrics(c_t, tau=cfg.eval.tau)
-        future = SegMetrics(k, tau=cfg.eval.tau) if do_probe else None
+        count_pred_only = cfg.eval.miou_denominator == "gt_or_pred"
+        metrics = SegMetrics(c_t, tau=cfg.eval.tau, count_pred_only=count_pred_only)
+        future = (
+            SegMetrics(k, tau=cfg.eval.tau, count_pred_only=count_pred_only) if do_probe else None
+        )
         loader = self._val_loader()
         win, stride = cfg.eval.window, cfg.eval.stride
         for image, raw in loader:
@@ -713,6 +721,8 @@ def load_step(run_dir: str | Path, step: int, device: str = "cpu") -> LoadedStep
         raise FileNotFoundError(f"{path} does not exist; completed steps in {run.root}: {have}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = from_dict(state["config"], where=str(path))
+    if "pos_embed_grid" not in state["config"].get("model", {}):
+        cfg.model.pos_embed_grid = "checkpoint"  # written before the key existed (issue 9)
     clip = build.build_clip(cfg)
     model = build.build_model(cfg, clip)
     model.load_state_dict(state["model"])

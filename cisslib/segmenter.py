@@ -148,7 +148,7 @@ def build_segmenter(
     double_cls_embedding: bool = True,
     drop_path_rate: float = 0.1,
     drop_path_active: bool = False,
-    pos_embed_size: int | None = None,
+    pos_embed_grid: tuple[int, int] | None = None,
     pad_value: float = 128.0,
 ) -> CLIPSegmenter:
     """Build a :class:`CLIPSegmenter` on a copy of ``clip_model.visual``.
@@ -170,7 +170,7 @@ def build_segmenter(
         double_cls_embedding=double_cls_embedding,
         drop_path_rate=drop_path_rate,
         drop_path_active=drop_path_active,
-        pos_embed_size=pos_embed_size,
+        pos_embed_grid=pos_embed_grid,
     )
     decoder = ATMDecoder(
         in_channels=encoder.width,

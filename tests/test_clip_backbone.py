@@ -306,10 +306,10 @@ def test_drop_path_inert_by_default_and_active_when_asked(tiny_clip):
     assert (c - b).abs().max() > 1e-4
 
 
-def test_pos_embed_size_resizes_parameter_once(tiny_cfg):
+def test_pos_embed_grid_resizes_parameter_once(tiny_cfg):
     model, _ = load_clip(model_cfg=tiny_cfg)
     old = model.visual.positional_embedding.detach().clone()
-    enc = DenseCLIPEncoder(model.visual, out_indices=(0, 1, 2), pos_embed_size=128)
+    enc = DenseCLIPEncoder(model.visual, out_indices=(0, 1, 2), pos_embed_grid=(16, 16))
     assert enc.pos_grid == (16, 16)
     assert enc.visual.positional_embedding.shape == (257, 64)
     assert torch.allclose(
