@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cisslib.datasets import VOCSegmentation
+from cisslib.data.sources import VOCSegmentation
+from cisslib.data.transforms import TrainTransform
 from cisslib.protocol import Scenario, class_membership
-from cisslib.transforms import TrainTransform
 
 
 def make_voc(root: Path, n: int, h: int = 375, w: int = 500, seed: int = 0) -> None:
@@ -95,7 +95,7 @@ def main() -> None:
 
         sc = Scenario(20, 15, 5)
         idx = sc.train_indices(mem, 0)
-        from cisslib.datasets import StepDataset
+        from cisslib.data.sources import StepDataset
 
         ds = StepDataset(src, idx, sc.train_lut(0), TrainTransform(crop=args.crop))
         loader = torch.utils.data.DataLoader(

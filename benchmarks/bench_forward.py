@@ -20,8 +20,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from cisslib.clip_backbone import load_clip
-from cisslib.segmenter import build_segmenter
+from cisslib.model.clip import load_clip
+from cisslib.model.segmenter import build_segmenter
 
 
 def _machine() -> str:
@@ -32,7 +32,8 @@ def _machine() -> str:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {cores} cores visible, torch {torch.__version__}, {threads} threads"
 
 
 def _time(fn, repeats: int) -> list[float]:

@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 
-from cisslib.toyclip import (
+from cisslib.data.toyworld import TOY_CLASS_PARTS, TOY_COLOURS, TOY_SHAPES
+from cisslib.toy.clip import (
     ToyClipConfig,
     checkpoint_meta,
     load_tiny_clip,
     pretrain_tiny_clip,
     zero_shot_predictions,
 )
-from cisslib.toyworld import TOY_CLASS_PARTS, TOY_COLOURS, TOY_SHAPES
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from cisslib.toyworld import ToyWorld
+from cisslib.data.toyworld import ToyWorld
 
 
 def bench(world: ToyWorld, n: int) -> tuple[float, float]:
@@ -33,7 +33,8 @@ def main() -> None:
         load_ms, present_ms = bench(world, args.n)
         kind = "single" if single else "scene"
         print(
-            f"size {size:3d} {kind:6s}: load {load_ms:6.2f} ms/image, present_labels {present_ms:5.2f} ms"
+            f"size {size:3d} {kind:6s}: load {load_ms:6.2f} ms/image, "
+            f"present_labels {present_ms:5.2f} ms"
         )
 
 

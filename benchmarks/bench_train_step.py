@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from cisslib.build import param_groups
-from cisslib.clip_backbone import load_clip
-from cisslib.engine import autocast
+from cisslib.engine.optim import param_groups
+from cisslib.engine.runtime import autocast
 from cisslib.losses import CISSCriterion, LossWeights
-from cisslib.segmenter import build_segmenter, frozen_encoder_copy
+from cisslib.model.clip import load_clip
+from cisslib.model.segmenter import build_segmenter, frozen_encoder_copy
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     model = build_segmenter(clip).to(device).train()
     old = copy.deepcopy(model).eval().requires_grad_(False)
     teacher = frozen_encoder_copy(model.encoder).to(device)
-    criterion = CISSCriterion(LossWeights())
+    criterion = CISSCriterion(LossWeights(ce=5.0, mask=50.0, dice=1.0, gpd=1.0, qd=0.15))
     opt = torch.optim.AdamW(param_groups(model, 1e-5, 0.01, 10.0), lr=1e-5)
     n_old, n_seen = 15, 20
     text = torch.nn.functional.normalize(torch.randn(n_seen, 512), dim=-1).to(device)
@@ -93,8 +93,10 @@ def main() -> None:
     t_full = _time(full_step, device, args.repeats)
     t_core = _time(encoder_core, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"# bench_train_step  {datetime.date.today()}  device={device} ({name or 'cpu'})  "
-          f"threads={torch.get_num_threads()}  precision={args.precision}")
+    print(
+        f"# bench_train_step  {datetime.date.today()}  device={device} ({name or 'cpu'})  "
+        f"threads={torch.get_num_threads()}  precision={args.precision}"
+    )
     print(f"ViT-B/16 segmenter, {s}x{s}, batch {b}, median of {args.repeats}")
     print(f"{'full training step (student+old fwd, losses, bwd, AdamW)':60s} {t_full:8.3f} s")
     print(f"{'encoder fwd+bwd + frozen teacher encoder fwd':60s} {t_core:8.3f} s")

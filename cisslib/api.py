@@ -1,17 +1,22 @@
-"""The Python entry points used by the CLI and the notebooks."""
+"""The Python entry points used by the CLI and the notebooks: run a scenario, read a step back."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
-from cisslib.build import default_run_name
-from cisslib.config import Config, ConfigError, load_config, to_dict
-from cisslib.engine import Engine, LoadedStep, load_step
-from cisslib.runs import RunDir
+from cisslib import build
+from cisslib.config import Config, ConfigError, from_dict, load_config, to_dict
+from cisslib.data.step_dataset import StepDataset
+from cisslib.engine import Runner
+from cisslib.protocol import Scenario
+from cisslib.runs import RunDir, default_run_name, read_step_checkpoint
 
 __all__ = ["run", "load_step", "LoadedStep", "parse_steps", "resolve_run_dir"]
 
@@ -41,8 +46,17 @@ def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, in
 
 
 def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | None) -> Path:
-    cfg.run.name = default_run_name(cfg, params) if not out else (cfg.run.name or Path(out).name)
-    return Path(out) if out else Path(cfg.run.out_root) / cfg.run.name
+    """The run folder, recording the run's name in ``cfg.run.name`` (it labels every table row).
+
+    ``out`` given: that folder, named ``run.name`` or the folder's name; otherwise
+    ``<run.out_root>/<run.name or params stem_preset>``.
+    """
+    r, sc = cfg.run, cfg.scenario
+    name = r.name or (
+        Path(out).name if out else default_run_name(params, r.preset, sc.dataset, sc.setting)
+    )
+    cfg.run.name = name
+    return Path(out) if out else Path(r.out_root) / name
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -90,6 +104,77 @@ def run(
             f"run folder {run_dir} already holds results (steps {rd.completed_steps()}); pass "
             "--resume to continue it or --out for a new folder"
         )
-    engine = Engine(cfg, run_dir, resume=resume)
-    engine.run_steps(first, last)
+    Runner(cfg, run_dir, resume=resume).run_steps(first, last)
     return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# reading a trained step back
+
+
+@dataclass
+class LoadedStep:
+    """A trained step loaded for inspection (the explorer, notebooks)."""
+
+    model: torch.nn.Module
+    text: torch.Tensor  # (C_t, D) seen classes, label order
+    class_names: list[str]  # seen classes, label order (label c+1 <-> class_names[c])
+    cfg: Config
+    val_source: Any
+    scenario: Scenario
+    step: int
+    device: torch.device
+
+    @property
+    def num_images(self) -> int:
+        n = len(self.val_source)
+        return min(n, self.cfg.eval.max_images) if self.cfg.eval.max_images else n
+
+    @torch.no_grad()
+    def segment(self, i: int, tau: float | None = None) -> dict:
+        """Segment val image ``i``.
+
+        Returns ``image (H,W,3) uint8, gt (H,W), pred (H,W), scores (C,H,W)``.
+        """
+        _, test = build.build_transforms(self.cfg)
+        img, gt = StepDataset(self.val_source, [i], self.scenario.test_lut(self.step), test)[0]
+        e = self.cfg.eval
+        labels, scores = self.model.segment(
+            img[None].to(self.device),
+            self.text.to(self.device),
+            window=e.window,
+            stride=e.stride,
+            tau=tau,
+        )
+        return {
+            "image": img.permute(1, 2, 0).clamp(0, 255).round().byte().numpy(),
+            "gt": gt.numpy(),
+            "pred": labels[0].cpu().numpy(),
+            "scores": scores[0].float().cpu().numpy(),
+        }
+
+
+def load_step(run_dir: str | Path, step: int, device: str = "cpu") -> LoadedStep:
+    """Load the model of ``step`` from a run folder, with its text and the val data."""
+    state = read_step_checkpoint(run_dir, step)
+    where = str(RunDir(run_dir).step_checkpoint(step))
+    cfg = from_dict(state["config"], where=where)
+    if "pos_embed_grid" not in state["config"].get("model", {}):
+        cfg.model.pos_embed_grid = "checkpoint"  # written before the key existed (issue 9)
+    model = build.build_model(cfg, build.build_clip(cfg))
+    model.load_state_dict(state["model"])
+    dev = torch.device(device)
+    model.to(dev).eval()
+    _, val = build.build_sources(cfg)
+    scenario = build.build_scenario(cfg, len(val.class_names))
+    c = state["num_seen"]
+    return LoadedStep(
+        model=model,
+        text=state["text"][:c],
+        class_names=list(state["class_names"][:c]),
+        cfg=cfg,
+        val_source=val,
+        scenario=scenario,
+        step=step,
+        device=dev,
+    )

@@ -1,18 +1,37 @@
-"""The one place that turns the config tree into objects: data, scenario, CLIP, text, model, losses."""
+"""The one place that turns the config tree into objects: data, scenario, CLIP, text, model,
+losses and schedules."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cisslib.config import Config, ConfigError
+from cisslib.config import Config, ConfigError, StepSchedule
+from cisslib.data.sources import ADE20KSegmentation, VOCSegmentation, resolve_data_root
+from cisslib.data.toyworld import ToyWorld
+from cisslib.data.transforms import TestTransform, TrainTransform
 from cisslib.losses import CISSCriterion, LossWeights
+from cisslib.model import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_segmenter,
+    load_clip,
+    weights_fingerprint,
+)
+from cisslib.model.text import (
+    ENSEMBLE_TEMPLATES,
+    SINGLE_TEMPLATES,
+    class_text_embeddings,
+    load_text_embeddings,
+)
 from cisslib.protocol import Scenario, parse_setting
+from cisslib.toy.clip import pretrain_tiny_clip
 
 log = logging.getLogger("cisslib")
 
@@ -25,16 +44,12 @@ def build_sources(cfg: Config) -> tuple[Any, Any]:
     """``(train_source, val_source)`` for ``cfg.scenario.dataset``."""
     sc = cfg.scenario
     if sc.dataset == "toy":
-        from cisslib.toyworld import ToyWorld
-
         t = sc.toy
         common = dict(size=t.size, seed=t.seed, max_objects=t.max_objects)
         return (
             ToyWorld(split="train", length=t.train_length, **common),
             ToyWorld(split="val", length=t.val_length, **common),
         )
-    from cisslib.datasets import ADE20KSegmentation, VOCSegmentation, resolve_data_root
-
     root = resolve_data_root(sc.data_root)
     cls = VOCSegmentation if sc.dataset == "voc" else ADE20KSegmentation
     return cls(root, split="train"), cls(root, split="val")
@@ -61,8 +76,6 @@ def build_scenario(cfg: Config, num_classes: int) -> Scenario:
 
 def build_transforms(cfg: Config) -> tuple[Any, Any]:
     """``(train_transform, test_transform)`` (SPEC 4)."""
-    from cisslib.transforms import TestTransform, TrainTransform
-
     tr = cfg.train
     train = TrainTransform(
         crop=tr.crop,
@@ -88,13 +101,9 @@ class ClipBundle:
 
 def build_clip(cfg: Config) -> ClipBundle:
     """Load the CLIP named by ``model.clip`` (``pretrained: toy`` = the embedded tiny CLIP)."""
-    from cisslib.clip_backbone import load_clip, weights_fingerprint
-
     c = cfg.model.clip
     pretrained = c.pretrained
     if pretrained == "toy":
-        from cisslib.toyclip import pretrain_tiny_clip
-
         pretrained = str(pretrain_tiny_clip(progress=False))
     model, tokenizer = load_clip(c.name, pretrained=pretrained, model_cfg=c.model_cfg)
     model.eval()
@@ -102,20 +111,15 @@ def build_clip(cfg: Config) -> ClipBundle:
     return ClipBundle(model=model, tokenizer=tokenizer, key=key)
 
 
-def build_text(cfg: Config, clip: ClipBundle, class_names: list[str], scenario: Scenario) -> torch.Tensor:
+def build_text(
+    cfg: Config, clip: ClipBundle, class_names: list[str], scenario: Scenario
+) -> torch.Tensor:
     """``(K, D)`` float32 text embeddings of every class, in label-space order (SPEC 1.2).
 
     Row ``c`` belongs to label ``c + 1`` (class ``scenario.order[c]``). Computed once per run from
     the CLIP text tower (disk-cached), or read from an authors'-format ``.npy`` (rows in raw
     label order), never re-read per forward.
     """
-    from cisslib.text import (
-        ENSEMBLE_TEMPLATES,
-        SINGLE_TEMPLATES,
-        class_text_embeddings,
-        load_text_embeddings,
-    )
-
     t = cfg.model.text
     names = list(t.class_names) if t.class_names else list(class_names)
     if len(names) != scenario.num_classes:
@@ -143,11 +147,10 @@ def build_text(cfg: Config, clip: ClipBundle, class_names: list[str], scenario: 
 
 def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
     """The CLIP-CISS segmenter on the CLIP image tower (SPEC 1)."""
-    from cisslib.clip_backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-    from cisslib.segmenter import build_segmenter
-
     m = cfg.model
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if m.pixel_norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    mean, std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if m.pixel_norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    )
     return build_segmenter(
         clip.model,
         out_indices=tuple(m.out_indices),
@@ -200,38 +203,6 @@ def build_criterion(cfg: Config) -> CISSCriterion:
     )
 
 
-def param_groups(
-    model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float
-) -> list[dict]:
-    """AdamW groups (SPEC 4): decoder LR x head_lr_mult; norm layers without weight decay.
-
-    Every other parameter (biases, CLIP positional/class embeddings, projections) gets the
-    weight decay, as detectron2's defaults do.
-    """
-    norm_params: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
-            norm_params.update(id(p) for p in module.parameters(recurse=False))
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = name.startswith("decoder.")
-        norm = id(p) in norm_params
-        groups.setdefault((head, norm), []).append(p)
-    out = []
-    for (head, norm), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "lr": lr * (head_lr_mult if head else 1.0),
-                "weight_decay": 0.0 if norm else weight_decay,
-                "name": f"{'decoder' if head else 'encoder'}{'-norm' if norm else ''}",
-            }
-        )
-    return out
-
-
-def default_run_name(cfg: Config, params_path: str | Path | None) -> str:
-    stem = Path(params_path).stem if params_path else f"{cfg.scenario.dataset}_{cfg.scenario.setting}"
-    return cfg.run.name or f"{stem}_{cfg.run.preset}"
+def step_schedule(cfg: Config, step: int) -> StepSchedule:
+    """Iterations, LR and warmup of ``step``: ``train.base`` at 0, then ``train.incremental``."""
+    return cfg.train.base if step == 0 else cfg.train.incremental

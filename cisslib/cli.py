@@ -1,4 +1,4 @@
-"""``cisslib`` command line: run scenarios, list settings, build reports, the demo and results table."""
+"""``cisslib`` command line: run scenarios, list settings, build reports, the demo, results docs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from cisslib.api import run
 from cisslib.config import PRESET_HELP, ConfigError
+from cisslib.data import DatasetError
+from cisslib.jobs import results_doc, run_demo
+from cisslib.protocol import NUM_CLASSES, SETTINGS
+from cisslib.report.workbook import build_report
+from cisslib.toy.clip import checkpoint_meta, pretrain_tiny_clip
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 
@@ -22,10 +28,11 @@ def _params_path(name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cisslib.api import run
-
     run_dir = run(
-        _params_path(args.params), overrides=args.set, out=args.out, steps=args.steps,
+        _params_path(args.params),
+        overrides=args.set,
+        out=args.out,
+        steps=args.steps,
         resume=args.resume,
     )
     print(run_dir)
@@ -33,12 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    from cisslib.protocol import SETTINGS
-
     print("settings (scenario.dataset / scenario.setting; custom 'BASE-INC' also accepted):")
     for dataset, settings in SETTINGS.items():
         items = ", ".join(
-            f"{name} ({1 + (_k(dataset) - b) // i} steps)" for name, (b, i) in settings.items()
+            f"{name} ({1 + (NUM_CLASSES[dataset] - b) // i} steps)"
+            for name, (b, i) in settings.items()
         )
         print(f"  {dataset:4s} {items}")
     print("modes (scenario.mode): overlap, disjoint")
@@ -52,48 +58,41 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
-def _k(dataset: str) -> int:
-    from cisslib.protocol import NUM_CLASSES
-
-    return NUM_CLASSES[dataset]
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from cisslib.workbook import build_report
-
-    out = build_report([Path(r) for r in args.runs], Path(args.out), title=args.title,
-                       convention=args.convention)
+    out = build_report(
+        [Path(r) for r in args.runs], Path(args.out), title=args.title, convention=args.convention
+    )
     print(out)
     return 0
 
 
 def cmd_toy_clip(args: argparse.Namespace) -> int:
-    from cisslib.toyclip import checkpoint_meta, pretrain_tiny_clip
-
     t0 = time.perf_counter()
     path = pretrain_tiny_clip(progress=True)
     meta = checkpoint_meta(path)
     print(f"tiny CLIP: {path}")
     print(f"zero-shot accuracy on single-object images: {meta.get('zero_shot_accuracy')}")
-    print(f"pretraining seconds (when trained): {meta.get('seconds')}; this call: "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"pretraining seconds (when trained): {meta.get('seconds')}; this call: "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cisslib.demo import run_demo
-
     report = run_demo(Path(args.out), params=_params_path(args.params), overrides=args.set)
     print(report)
     return 0
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from cisslib.demo import results_table
-
-    out = results_table(
-        Path(args.out), params=_params_path(args.params), seeds=args.seeds,
-        presets=args.presets, overrides=args.set, doc=Path(args.doc) if args.doc else None,
+    out = results_doc(
+        Path(args.out),
+        params=_params_path(args.params),
+        seeds=args.seeds,
+        presets=args.presets,
+        overrides=args.set,
+        doc=Path(args.doc) if args.doc else None,
     )
     print(out)
     return 0
@@ -107,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run (or resume) a scenario from a params file")
     p.add_argument("params", help="params YAML file (or a name in params/, e.g. smoke)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.base.iters=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.base.iters=100 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run folder (default outputs/<params>_<preset>)")
     p.add_argument("--steps", default=None, help="steps to run, A-B (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -137,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/table")
     p.add_argument("--params", default="toy_15-1")
     p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument("--presets", nargs="+",
-                   default=["full", "finetune", "no_cacp", "no_gpd", "no_qd", "joint"])
+    p.add_argument(
+        "--presets", nargs="+", default=["full", "finetune", "no_cacp", "no_gpd", "no_qd", "joint"]
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--doc", default=None, help="also write the markdown table to this file")
     p.set_defaults(func=cmd_table)
@@ -146,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cisslib.datasets import DatasetError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,19 +8,13 @@ authors' settings) both coincide.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from cisslib.io import atomic_path, sha256_text
-
-IGNORE_INDEX = 255
+from cisslib.constants import VOID
 
 #: Number of foreground classes of each dataset.
 NUM_CLASSES: dict[str, int] = {"voc": 20, "ade": 150, "toy": 20}
@@ -157,7 +151,7 @@ class Scenario:
 
     def _lut(self, classes: Sequence[int]) -> np.ndarray:
         lut = np.zeros(256, dtype=np.uint8)
-        lut[IGNORE_INDEX] = IGNORE_INDEX
+        lut[VOID] = VOID
         pos = {c: i + 1 for i, c in enumerate(self.order)}
         for c in classes:
             lut[c] = pos[c]
@@ -205,64 +199,3 @@ class Scenario:
                 f"got {len(class_names)} class names for a scenario of {self.num_classes} classes"
             )
         return [class_names[c - 1] for c in self.order]
-
-
-def _present_labels(source: Any, i: int) -> np.ndarray:
-    if hasattr(source, "present_labels"):
-        return np.asarray(source.present_labels(i))
-    _, label = source.load(i)
-    return np.flatnonzero(np.bincount(np.asarray(label).ravel(), minlength=256))
-
-
-def membership_cache_path(source: Any, cache_dir: str | os.PathLike) -> Path:
-    """The ``.npy`` file that caches the membership matrix of ``source``."""
-    k = len(source.class_names)
-    key = sha256_text("membership-v1", source.name, source.split, str(k), source.cache_key())
-    return Path(cache_dir) / f"membership-{source.name}-{source.split}-{key[:16]}.npy"
-
-
-def class_membership(
-    source: Any,
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 2,
-    progress: bool = True,
-) -> np.ndarray:
-    """``(N, K + 1)`` bool: ``[i, c]`` = image ``i`` of ``source`` contains raw label ``c``.
-
-    Column 0 is background / other; void (255) and values above K are not recorded. Computed
-    once by a parallel scan (``source.present_labels(i)`` when the source has it, else
-    ``source.load(i)``) and cached as an ``.npy`` keyed by ``source.cache_key()`` under
-    ``cache_dir`` (default: ``cisslib.io.cache_dir()``). Every step and setting reuses it.
-    """
-    from tqdm.auto import tqdm
-
-    from cisslib.io import cache_dir as default_cache_dir
-
-    k = len(source.class_names)
-    n = len(source)
-    path = membership_cache_path(
-        source, cache_dir if cache_dir is not None else default_cache_dir()
-    )
-    if path.exists():
-        cached = np.load(path)
-        if cached.shape == (n, k + 1) and cached.dtype == bool:
-            return cached
-    out = np.zeros((n, k + 1), dtype=bool)
-
-    def scan(i: int) -> None:
-        present = _present_labels(source, i).astype(np.int64)
-        present = present[present <= k]
-        out[i, present] = True
-
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        bar = tqdm(
-            pool.map(scan, range(n)),
-            total=n,
-            desc=f"membership {source.name}/{source.split}",
-            disable=not progress,
-        )
-        for _ in bar:
-            pass
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, out)
-    return out

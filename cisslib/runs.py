@@ -1,13 +1,14 @@
-"""The run folder: its layout, tidy CSV tables written atomically, and the run's log.
+"""The run folder's one owner: its layout, naming, tidy CSV tables (written atomically, read back
+into DataFrames), the step checkpoints read back, and the run's log.
 
 ```
 <run>/config.yaml               the resolved config
 <run>/log.txt                   one line per logged iteration and per evaluation
 <run>/losses.csv                run, preset, step, iter, term, value
-<run>/metrics/summary.csv       run, preset, dataset, setting, mode, seed, step, convention, n_seen, mIoU, ...
-<run>/metrics/per_class.csv     run, preset, step, convention, class_index, class_name, group, step_added, iou
-<run>/metrics/zero_shot.csv     run, preset, step, class_index, class_name, step_added, iou
-<run>/metrics/shift.csv         run, preset, step, class_index, class_name, step_added, seen, text_cos, ...
+<run>/metrics/summary.csv       per step and convention: mIoU, mIoU_base, _novel, _old, _new
+<run>/metrics/per_class.csv     per step, convention and class: group, step_added, iou
+<run>/metrics/zero_shot.csv     per step and future class: iou before it is learned
+<run>/metrics/shift.csv         per step and class: text_cos, drift_cos
 <run>/checkpoints/step{t}.pt    weights after step t (+ config, metrics)
 <run>/checkpoints/last.pt       resume point inside the running step (removed when the step ends)
 ```
@@ -18,30 +19,68 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from cisslib.io import atomic_path
+import pandas as pd
+import torch
+
+from cisslib.files import atomic_path
 
 LOGGER_NAME = "cisslib"
 
 TABLES: dict[str, tuple[str, ...]] = {
     "losses": ("run", "preset", "step", "iter", "term", "value"),
     "summary": (
-        "run", "preset", "dataset", "setting", "mode", "seed", "step", "convention", "n_seen",
-        "mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new",
+        "run",
+        "preset",
+        "dataset",
+        "setting",
+        "mode",
+        "seed",
+        "step",
+        "convention",
+        "n_seen",
+        "mIoU",
+        "mIoU_base",
+        "mIoU_novel",
+        "mIoU_old",
+        "mIoU_new",
     ),
     "per_class": (
-        "run", "preset", "step", "convention", "class_index", "class_name", "group", "step_added",
+        "run",
+        "preset",
+        "step",
+        "convention",
+        "class_index",
+        "class_name",
+        "group",
+        "step_added",
         "iou",
     ),
     "zero_shot": ("run", "preset", "step", "class_index", "class_name", "step_added", "iou"),
     "shift": (
-        "run", "preset", "step", "class_index", "class_name", "step_added", "seen", "text_cos",
+        "run",
+        "preset",
+        "step",
+        "class_index",
+        "class_name",
+        "step_added",
+        "seen",
+        "text_cos",
         "drift_cos",
     ),
 }
+
+
+def default_run_name(
+    params: str | os.PathLike | None, preset: str, dataset: str, setting: str
+) -> str:
+    """``<params stem>_<preset>`` (``<dataset>_<setting>_<preset>`` without a params file)."""
+    stem = Path(params).stem if params else f"{dataset}_{setting}"
+    return f"{stem}_{preset}"
 
 
 class RunDir:
@@ -135,6 +174,82 @@ class Table:
     def flush(self) -> None:
         if self.enabled:
             write_table(self.path, self.columns, self.rows)
+
+
+# --------------------------------------------------------------------------------------------
+# reading runs back
+
+
+def load_runs(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, pd.DataFrame]:
+    """Read and concatenate the tidy CSVs of one or more run folders.
+
+    Returns a dict with keys ``summary``, ``per_class``, ``zero_shot``, ``shift``, ``losses``.
+    ``metrics/summary.csv`` must exist in every folder; any other file may be absent (probe
+    disabled): its table then holds only the other runs' rows (or none, with the schema columns),
+    and ``df.attrs["missing"]`` lists the folders that lack it, so that plots can say so.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ValueError("load_runs: no run folder given; pass at least one run directory")
+    parts: dict[str, list[pd.DataFrame]] = {key: [] for key in TABLES}
+    missing: dict[str, list[str]] = {key: [] for key in TABLES}
+    owner: dict[str, Path] = {}
+    for d in dirs:
+        run = RunDir(d)
+        if not run.table("summary").is_file():
+            raise FileNotFoundError(
+                f"{d}: no metrics/summary.csv; pass a run folder written by the engine "
+                "(cisslib run) that has finished at least one step"
+            )
+        for key in TABLES:
+            path = run.table(key)
+            if not path.is_file():
+                missing[key].append(str(d))
+                continue
+            df = pd.read_csv(path)
+            absent = [c for c in TABLES[key] if c not in df.columns]
+            if absent:
+                raise ValueError(
+                    f"{path}: missing column(s) {absent}; rewrite it with the current engine"
+                )
+            parts[key].append(df)
+        for name in parts["summary"][-1]["run"].astype(str).unique():
+            if name in owner and owner[name] != d:
+                raise ValueError(
+                    f"run name {name!r} appears in both {owner[name]} and {d}; "
+                    "give the runs distinct run.name values"
+                )
+            owner[name] = d
+    out: dict[str, pd.DataFrame] = {}
+    for key in TABLES:
+        if parts[key]:
+            df = pd.concat(parts[key], ignore_index=True)
+        else:
+            df = pd.DataFrame(columns=TABLES[key])
+        if "run" in df.columns:
+            df["run"] = df["run"].astype(str)
+        if key == "shift" and len(df):
+            df["seen"] = df["seen"].astype(str).str.lower().isin(("true", "1"))
+        df.attrs["missing"] = missing[key]
+        out[key] = df
+    return out
+
+
+def read_step_checkpoint(run_dir: str | os.PathLike, step: int) -> dict:
+    """The saved state of ``step`` (weights, config, text, class names, ...)."""
+    run = RunDir(run_dir)
+    path = run.step_checkpoint(step)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; completed steps in {run.root}: {run.completed_steps()}"
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the run's log
 
 
 def _not_detail(record: logging.LogRecord) -> bool:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cisslib.clip_backbone import load_clip, tiny_clip_config
+from cisslib.model.clip import load_clip, tiny_clip_config
 
 # Tests run on small shared CPUs: with several OpenMP threads competing for two busy cores the
 # tiny models ran 10-20x slower (measured: 42 s vs 2 s). One thread unless asked otherwise.
@@ -42,7 +42,7 @@ def tiny_clip(tiny_cfg):
 @pytest.fixture
 def tiny_segmenter(tiny_clip):
     """A fresh tiny CLIPSegmenter (3 stages on blocks 0, 1, 2; 4 heads; FFN 128), eval mode."""
-    from cisslib.segmenter import build_segmenter
+    from cisslib.model.segmenter import build_segmenter
 
     torch.manual_seed(1)
     model = build_segmenter(tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128)

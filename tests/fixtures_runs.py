@@ -48,7 +48,7 @@ LOSS_ITERS = (0, 10, 20)
 
 
 def text_cos(preset: str, step: int, seen: bool) -> float:
-    """Fabricated prototype-text cosine: 0.3 for seen, 0.2 for future, finetune loses 0.05 a step."""
+    """Fabricated prototype-text cosine: 0.3 seen, 0.2 future; finetune loses 0.05 a step."""
     base = 0.3 if seen else 0.2
     return base - (0.05 * step if preset == "finetune" else 0.0)
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cisslib.datasets import (
+from cisslib.data.sources import (
     ADE_CLASSES,
     VOC_CLASSES,
     ADE20KSegmentation,
     DatasetError,
     SegSource,
-    StepDataset,
     VOCSegmentation,
     resolve_data_root,
-    validate_source,
 )
+from cisslib.data.step_dataset import StepDataset
+from cisslib.data.validation import validate_source
 from cisslib.protocol import Scenario
 
 REAL_VOC = Path("/work/shared/fixtures/voc-val-samples")

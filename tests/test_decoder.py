@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cisslib.decoder import ATMDecoder, CrossAttention, DecoderLayer
+from cisslib.model.decoder import ATMDecoder, CrossAttention, DecoderLayer
 
 
 def _inputs(B=2, C=3, W=24, D=16, h=3, w=5, S=3, seed=0):
@@ -126,19 +126,24 @@ def test_init_follows_spec():
 
 
 def test_adding_classes_adds_no_parameters():
-    a = _decoder()
-    b = _decoder()
+    """One decoder serves 3 and then 7 classes: the parameters are the same objects with the same
+    values before and after, and every output has one row per class (SPEC 1.5)."""
+    dec = _decoder()
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    n_params = sum(p.numel() for p in dec.parameters())
     feats, g, t = _inputs(C=7)
-    out3 = a(feats, g, t[:3])
-    out7 = b(feats, g, t)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+    out3 = dec(feats, g, t[:3])
+    out7 = dec(feats, g, t)
+    assert sum(p.numel() for p in dec.parameters()) == n_params
+    after = dec.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
     assert out3["pred_logits"].shape == (2, 3, 2) and out7["pred_logits"].shape == (2, 7, 2)
-    for v in (out7["pred_logits"], out7["masks"][-1]):
-        assert torch.isfinite(v).all()
-    # queries interact through self-attention, so old classes' outputs depend on the new ones,
-    # but q0 (before any attention) of old classes does not
+    assert out7["masks"][-1].shape[1] == 7 and out7["queries"].shape[2] == 7
+    # a class's query before any attention depends only on its own text and the image
     assert torch.allclose(out3["queries0"], out7["queries0"][:, :3], atol=1e-6)
+    # the class head has no per-class weights: its weight shape does not mention C
+    assert tuple(dec.class_embed.weight.shape) == (2, 3 * 16)
 
 
 def test_every_parameter_gets_gradient():

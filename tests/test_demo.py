@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cisslib.demo import joint_rows, results_markdown
+from cisslib.jobs import joint_rows, results_markdown
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
@@ -16,23 +16,46 @@ def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd
     for step in range(steps):
         for conv, shift in (("fg_only", 0.0), ("with_bg", 0.1)):
             last = step == steps - 1
-            rows.append({"run": preset, "preset": preset, "step": step, "convention": conv,
-                         "mIoU": all_ + shift if last else 0.9, "mIoU_base": 0.5,
-                         "mIoU_novel": 0.25, "mIoU_old": old + shift if last else 0.9,
-                         "mIoU_new": new if last else 0.9})
+            rows.append(
+                {
+                    "run": preset,
+                    "preset": preset,
+                    "step": step,
+                    "convention": conv,
+                    "mIoU": all_ + shift if last else 0.9,
+                    "mIoU_base": 0.5,
+                    "mIoU_novel": 0.25,
+                    "mIoU_old": old + shift if last else 0.9,
+                    "mIoU_new": new if last else 0.9,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def test_results_markdown_reports_the_last_step_per_preset():
-    per_class = pd.DataFrame({
-        "run": "joint", "preset": "joint", "step": 0, "convention": "fg_only",
-        "class_index": [1, 2, 3, 4], "iou": [0.5, 0.7, 0.2, float("nan")],
-    })
+    per_class = pd.DataFrame(
+        {
+            "run": "joint",
+            "preset": "joint",
+            "step": 0,
+            "convention": "fg_only",
+            "class_index": [1, 2, 3, 4],
+            "iou": [0.5, 0.7, 0.2, float("nan")],
+        }
+    )
     joint = joint_rows(per_class, base=2)
     frames = [_summary("full", 3, 0.6, 0.2, 0.5), _summary("finetune", 3, 0.1, 0.4, 0.2), joint]
-    zs = pd.DataFrame({"run": "full", "preset": "full", "step": [0, 0, 1],
-                       "class_index": [19, 20, 20], "class_name": "x", "step_added": [1, 2, 2],
-                       "iou": [0.2, 0.4, 0.5]})
+    zs = pd.DataFrame(
+        {
+            "run": "full",
+            "preset": "full",
+            "step": [0, 0, 1],
+            "class_index": [19, 20, 20],
+            "class_name": "x",
+            "step_added": [1, 2, 2],
+            "iou": [0.2, 0.4, 0.5],
+        }
+    )
     text = results_markdown(frames, [zs], [42], "T")
     lines = text.splitlines()
     assert "| full | 60.0 | 20.0 | 50.0 | 70.0 | 20.0 | 60.0 |" in lines
@@ -46,14 +69,17 @@ def test_results_markdown_reports_the_last_step_per_preset():
 
 def test_joint_budget_is_an_incremental_runs_total():
     from cisslib.config import load_config
-    from cisslib.demo import joint_budget
+    from cisslib.jobs import joint_budget
 
-    cfg = load_config(PARAMS / "toy_15-1.yaml", ["train.base.iters=100",
-                                                     "train.incremental.iters=7"])
+    cfg = load_config(
+        PARAMS / "toy_15-1.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
+    )
     assert joint_budget(cfg) == 100 + 5 * 7  # 15-1: five incremental steps
-    cfg = load_config(PARAMS / "toy_10-1.yaml", ["train.base.iters=100",
-                                                     "train.incremental.iters=7"])
+    cfg = load_config(
+        PARAMS / "toy_10-1.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
+    )
     assert joint_budget(cfg) == 100 + 10 * 7
-    cfg = load_config(PARAMS / "toy_15-5.yaml", ["train.base.iters=100",
-                                                     "train.incremental.iters=7"])
+    cfg = load_config(
+        PARAMS / "toy_15-5.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
+    )
     assert joint_budget(cfg) == 100 + 7

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cisslib.diagnostics import PrototypeAccumulator, shift_rows
 from cisslib.losses import num_masks_across_ranks
+from cisslib.metrics.shift import PrototypeAccumulator, shift_rows
 
 
 def normalise(v):

@@ -19,7 +19,7 @@ import torch
 from cisslib import build
 from cisslib.cli import main
 from cisslib.config import load_config
-from cisslib.engine import StreamSampler, warmup_poly
+from cisslib.engine import StreamSampler, param_groups, warmup_poly
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -45,8 +45,8 @@ def test_stream_sampler_ranks_partition_the_global_batch_and_restart_exactly():
     r0 = list(StreamSampler(7, 4, seed=3, start=0, total=5, rank=0, world=2))
     r1 = list(StreamSampler(7, 4, seed=3, start=0, total=5, rank=1, world=2))
     for it in range(5):
-        glob = single[4 * it: 4 * it + 4]
-        assert r0[2 * it: 2 * it + 2] + r1[2 * it: 2 * it + 2] == glob
+        glob = single[4 * it : 4 * it + 4]
+        assert r0[2 * it : 2 * it + 2] + r1[2 * it : 2 * it + 2] == glob
     # every epoch is a permutation of the 7 items
     items = [k for k, _ in single]
     assert sorted(items[:7]) == list(range(7)) and sorted(items[7:14]) == list(range(7))
@@ -59,7 +59,7 @@ def test_stream_sampler_ranks_partition_the_global_batch_and_restart_exactly():
 def test_param_groups_decoder_lr_and_no_decay_on_norms():
     cfg = load_config(SMOKE)
     model = build.build_model(cfg, build.build_clip(cfg))
-    groups = build.param_groups(model, lr=1e-4, weight_decay=0.01, head_lr_mult=10.0)
+    groups = param_groups(model, lr=1e-4, weight_decay=0.01, head_lr_mult=10.0)
     by_name = {g["name"]: g for g in groups}
     assert by_name["decoder"]["lr"] == pytest.approx(1e-3)
     assert by_name["encoder"]["lr"] == pytest.approx(1e-4)
@@ -68,8 +68,9 @@ def test_param_groups_decoder_lr_and_no_decay_on_norms():
     assert by_name["encoder"]["weight_decay"] == 0.01
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups) == n_params
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
-                for p in m.parameters()}
+    norm_ids = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()
+    }
     for g in groups:
         assert all((id(p) in norm_ids) == g["name"].endswith("-norm") for p in g["params"])
 
@@ -79,28 +80,47 @@ def _state(run_dir: Path, step: int) -> dict:
 
 
 def test_smoke_scenario_through_the_cli_and_old_model_frozen(tmp_path, monkeypatch):
-    import cisslib.engine as engine_mod
+    import cisslib.engine.runner as runner_mod
 
     frozen = []
-    real_freeze = engine_mod._freeze
+    real_freeze = runner_mod.freeze
 
     def spy(module):
         frozen.append(real_freeze(module))
         return frozen[-1]
 
-    monkeypatch.setattr(engine_mod, "_freeze", spy)
+    monkeypatch.setattr(runner_mod, "freeze", spy)
     out = tmp_path / "run"
     assert main(["run", str(SMOKE), "--out", str(out)]) == 0
-    for rel in ["config.yaml", "log.txt", "losses.csv", "metrics/summary.csv",
-                "metrics/per_class.csv", "metrics/zero_shot.csv", "metrics/shift.csv",
-                "checkpoints/step0.pt", "checkpoints/step1.pt"]:
+    for rel in [
+        "config.yaml",
+        "log.txt",
+        "losses.csv",
+        "metrics/summary.csv",
+        "metrics/per_class.csv",
+        "metrics/zero_shot.csv",
+        "metrics/shift.csv",
+        "checkpoints/step0.pt",
+        "checkpoints/step1.pt",
+    ]:
         assert (out / rel).is_file(), rel
     assert not (out / "checkpoints" / "last.pt").exists()
     summary = pd.read_csv(out / "metrics" / "summary.csv")
     assert list(summary[["step", "convention"]].itertuples(index=False, name=None)) == [
-        (0, "fg_only"), (0, "with_bg"), (1, "fg_only"), (1, "with_bg")]
-    assert set(summary.columns) >= {"step", "convention", "mIoU", "mIoU_base", "mIoU_novel",
-                                    "mIoU_old", "mIoU_new"}
+        (0, "fg_only"),
+        (0, "with_bg"),
+        (1, "fg_only"),
+        (1, "with_bg"),
+    ]
+    assert set(summary.columns) >= {
+        "step",
+        "convention",
+        "mIoU",
+        "mIoU_base",
+        "mIoU_novel",
+        "mIoU_old",
+        "mIoU_new",
+    }
     assert summary["n_seen"].tolist() == [15, 15, 20, 20]
     assert summary.loc[summary.step == 0, "mIoU_old"].isna().all()
     losses = pd.read_csv(out / "losses.csv")
@@ -127,9 +147,13 @@ def test_smoke_scenario_through_the_cli_and_old_model_frozen(tmp_path, monkeypat
 @pytest.mark.parametrize("preset", ["finetune", "joint", "no_gpd", "no_qd", "no_cacp"])
 def test_every_preset_runs(tmp_path, preset):
     out = tmp_path / preset
-    overrides = [f"run.preset={preset}", "eval.zero_shot_probe=false",
-                 "eval.shift_diagnostics=false", "train.base.iters=2",
-                 "train.incremental.iters=2"]
+    overrides = [
+        f"run.preset={preset}",
+        "eval.zero_shot_probe=false",
+        "eval.shift_diagnostics=false",
+        "train.base.iters=2",
+        "train.incremental.iters=2",
+    ]
     from cisslib.api import run
 
     run(SMOKE, overrides=overrides, out=out)
@@ -139,9 +163,12 @@ def test_every_preset_runs(tmp_path, preset):
     terms = set(pd.read_csv(out / "losses.csv")["term"])
     assert ("loss_gpd" in terms) == (preset not in ("finetune", "no_gpd"))
     assert ("loss_qd" in terms) == (preset in ("no_gpd", "no_cacp"))
-    if preset == "no_cacp":
-        state = _state(out, 0)
-        assert any("class_embed" in k or "query_head" in k or "class_head" in k for k in state)
+    # the class head: CACP = bias-free Linear(3D, 2) on [q - q0; q * q0; g * t]; no_cacp =
+    # ZegCLIP's Linear(D, 2) with bias on the final query (smoke: D = 32)
+    state = _state(out, 0)
+    want = (2, 32) if preset == "no_cacp" else (2, 96)
+    assert tuple(state["decoder.class_embed.weight"].shape) == want
+    assert ("decoder.class_embed.bias" in state) == (preset == "no_cacp")
 
 
 def _cli(*args: str) -> list[str]:
@@ -150,16 +177,30 @@ def _cli(*args: str) -> list[str]:
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     env = {**os.environ, "CISSLIB_CACHE": os.environ["CISSLIB_CACHE"], "PYTHONUNBUFFERED": "1"}
-    common = ["--set", "run.checkpoint_every=2", "--set", "run.log_every=1",
-              "--set", "eval.zero_shot_probe=false"]
+    common = [
+        "--set",
+        "run.checkpoint_every=2",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "eval.zero_shot_probe=false",
+    ]
     ref = tmp_path / "ref"
-    subprocess.run(_cli("run", str(SMOKE), "--out", str(ref), *common), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        _cli("run", str(SMOKE), "--out", str(ref), *common),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     # kill a second run as soon as it has written a resume point inside step 1
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("run", str(SMOKE), "--out", str(out), *common), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cli("run", str(SMOKE), "--out", str(out), *common),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     last = out / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -170,8 +211,12 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / "step1.pt").exists()
-    subprocess.run(_cli("run", str(SMOKE), "--out", str(out), "--resume", *common), check=True,
-                   env=env, capture_output=True)
+    subprocess.run(
+        _cli("run", str(SMOKE), "--out", str(out), "--resume", *common),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     for step in (0, 1):
         a, b = _state(ref, step), _state(out, step)
         for k in a:
@@ -188,16 +233,41 @@ def test_ddp_on_gloo_matches_a_single_process(tmp_path):
     """2 processes x 1 image = 1 process x 2 images (no GPD: it pools over the whole batch;
     no dropout: ranks draw their own dropout masks)."""
     env = {**os.environ, "CISSLIB_CACHE": os.environ["CISSLIB_CACHE"], "OMP_NUM_THREADS": "1"}
-    common = ["--set", "run.preset=no_gpd", "--set", "model.dropout=0.0",
-              "--set", "eval.shift_diagnostics=false"]
+    common = [
+        "--set",
+        "run.preset=no_gpd",
+        "--set",
+        "model.dropout=0.0",
+        "--set",
+        "eval.shift_diagnostics=false",
+    ]
     single = tmp_path / "single"
-    subprocess.run(_cli("run", str(SMOKE), "--out", str(single), *common), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        _cli("run", str(SMOKE), "--out", str(single), *common),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     ddp = tmp_path / "ddp"
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "cisslib.cli", "run", str(SMOKE), "--out", str(ddp), *common],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cisslib.cli",
+            "run",
+            str(SMOKE),
+            "--out",
+            str(ddp),
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     # the logged losses agree to float precision (summation order differs)...
@@ -223,11 +293,31 @@ def test_val_selected_checkpoint_is_opt_in(tmp_path):
     from cisslib.api import run
 
     out = tmp_path / "best"
-    run(SMOKE, overrides=["train.select_best_on_val=true", "train.eval_every=4",
-                          "eval.zero_shot_probe=false", "eval.shift_diagnostics=false"], out=out)
+    run(
+        SMOKE,
+        overrides=[
+            "train.select_best_on_val=true",
+            "train.eval_every=4",
+            "eval.zero_shot_probe=false",
+            "eval.shift_diagnostics=false",
+        ],
+        out=out,
+    )
     state = torch.load(out / "checkpoints" / "step0.pt", weights_only=False)
     assert "best_model" in state and state["best_score"] >= 0
     assert state["best_model"].keys() == state["model"].keys()
+    # step 0 saves at every eval (SPEC 5: at t=0 the hook's condition always holds) only when a
+    # later eval is better; the kept weights are those of the best val mIoU_new
+    summary = pd.read_csv(out / "metrics" / "summary.csv")
+    final = summary[(summary.step == 0) & (summary.convention == "fg_only")]["mIoU_new"].item()
+    assert state["best_score"] >= final - 1e-12
+    # by default nothing of the kind is kept, and step 1 starts from the final weights
+    default = tmp_path / "default"
+    run(SMOKE, overrides=["eval.zero_shot_probe=false", "eval.shift_diagnostics=false"],
+        out=default, steps="0")
+    plain = torch.load(default / "checkpoints" / "step0.pt", weights_only=False)
+    assert "best_model" not in plain and "best_score" not in plain
+    assert load_config(SMOKE).train.select_best_on_val is False
 
 
 def test_steps_after_zero_need_the_previous_checkpoint(tmp_path, capsys):
@@ -238,8 +328,14 @@ def test_steps_after_zero_need_the_previous_checkpoint(tmp_path, capsys):
 def test_settings_lists_settings_and_presets(capsys):
     assert main(["settings"]) == 0
     text = capsys.readouterr().out
-    for word in ("15-1 (6 steps)", "100-5 (11 steps)", "10-1 (11 steps)", "finetune", "no_cacp",
-                 "smoke.yaml"):
+    for word in (
+        "15-1 (6 steps)",
+        "100-5 (11 steps)",
+        "10-1 (11 steps)",
+        "finetune",
+        "no_cacp",
+        "smoke.yaml",
+    ):
         assert word in text
 
 
@@ -259,19 +355,38 @@ def test_smoke_on_cuda_with_autocast(tmp_path, precision):
 def test_short_toy_scenario_on_a_pretrained_tiny_clip(tmp_path):
     """The toy path end to end: pretrain a (very short) tiny CLIP into the cache, load it from the
     cache, and run a 2-step scenario on it through the same engine as ViT-B/16."""
-    from cisslib import toyclip
     from cisslib.api import run
+    from cisslib.toy import clip as toyclip
 
     cfg = toyclip.ToyClipConfig(
-        image_size=16, patch_size=4, vision_width=32, vision_head_width=16, vision_layers=3,
-        text_width=32, text_heads=2, text_layers=1, embed_dim=16, steps=2, batch_size=8,
-        scene_size=48, pool_size=64, eval_n=10, threads=1,
+        image_size=16,
+        patch_size=4,
+        vision_width=32,
+        vision_head_width=16,
+        vision_layers=3,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        embed_dim=16,
+        steps=2,
+        batch_size=8,
+        scene_size=48,
+        pool_size=64,
+        eval_n=10,
+        threads=1,
     )
     path = toyclip.pretrain_tiny_clip(cfg, progress=False)
     assert toyclip.pretrain_tiny_clip(cfg, progress=False) == path  # second call: the cache
     out = tmp_path / "toy"
-    run(SMOKE, overrides=[f"model.clip.pretrained={path}", "model.clip.model_cfg=null",
-                          "model.pixel_norm=clip"], out=out)
+    run(
+        SMOKE,
+        overrides=[
+            f"model.clip.pretrained={path}",
+            "model.clip.model_cfg=null",
+            "model.pixel_norm=clip",
+        ],
+        out=out,
+    )
     summary = pd.read_csv(out / "metrics" / "summary.csv")
     assert len(summary) == 4 and summary["mIoU"].notna().all()
     cfg_saved = torch.load(out / "checkpoints" / "step1.pt", weights_only=False)["config"]
@@ -299,12 +414,24 @@ def test_voc_params_on_a_real_layout_with_vit_b16(tmp_path, monkeypatch):
     make_voc_aug(tmp_path / "data", n=16)
     monkeypatch.setenv("CISS_DATA", str(tmp_path / "data"))
     out = tmp_path / "voc"
-    run(REPO / "params" / "voc_15-5.yaml", overrides=[
-        "model.clip.pretrained=null", "scenario.validate=full", "run.num_workers=0",
-        "train.batch_size=2", "train.crop=64", "train.short_sides=[64]",
-        "train.base.iters=2", "train.incremental.iters=2", "eval.short_side=64",
-        "eval.window=64", "eval.stride=48", "eval.shift_diagnostics=false",
-    ], out=out)
+    run(
+        REPO / "params" / "voc_15-5.yaml",
+        overrides=[
+            "model.clip.pretrained=null",
+            "scenario.validate=full",
+            "run.num_workers=0",
+            "train.batch_size=2",
+            "train.crop=64",
+            "train.short_sides=[64]",
+            "train.base.iters=2",
+            "train.incremental.iters=2",
+            "eval.short_side=64",
+            "eval.window=64",
+            "eval.stride=48",
+            "eval.shift_diagnostics=false",
+        ],
+        out=out,
+    )
     summary = pd.read_csv(out / "metrics" / "summary.csv")
     assert summary["dataset"].unique().tolist() == ["voc"]
     assert summary["n_seen"].tolist() == [15, 15, 20, 20]

@@ -14,8 +14,8 @@ from torch import nn
 
 from cisslib import build
 from cisslib.config import ConfigError, load_config
-from cisslib.segmenter import build_segmenter
-from cisslib.weights import WeightsError, convert_authors_state_dict, load_segmenter_weights
+from cisslib.model.segmenter import build_segmenter
+from cisslib.model.weights import WeightsError, convert_authors_state_dict, load_segmenter_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -48,20 +48,34 @@ def test_positional_embedding_trains_as_the_authors_resized_table(tiny_clip, tin
     checkpoint_table = tiny_clip[0].visual.positional_embedding.detach().clone()
 
     torch.manual_seed(1)
-    ours = build_segmenter(tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128,
-                           dropout=0.0, pos_embed_grid=(16, 16))
+    ours = build_segmenter(
+        tiny_clip[0],
+        out_indices=(0, 1, 2),
+        num_heads=4,
+        ffn_dim=128,
+        dropout=0.0,
+        pos_embed_grid=(16, 16),
+    )
     assert ours.encoder.visual.positional_embedding.shape == (1 + 16 * 16, 64)
     # the authors' layout, built directly: a 257-row table made by hand, no interpolation after
     torch.manual_seed(1)
-    direct = build_segmenter(tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128,
-                             dropout=0.0)
+    direct = build_segmenter(
+        tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128, dropout=0.0
+    )
     direct.encoder.visual.positional_embedding = nn.Parameter(
-        _resized_by_hand(checkpoint_table, 8, 16))
+        _resized_by_hand(checkpoint_table, 8, 16)
+    )
     direct.encoder.pos_grid = (16, 16)
     # the old behaviour: the 65-row table is the parameter, interpolated in every forward
     torch.manual_seed(1)
-    legacy = build_segmenter(tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128,
-                             dropout=0.0, pos_embed_grid=None)
+    legacy = build_segmenter(
+        tiny_clip[0],
+        out_indices=(0, 1, 2),
+        num_heads=4,
+        ffn_dim=128,
+        dropout=0.0,
+        pos_embed_grid=None,
+    )
     assert legacy.encoder.visual.positional_embedding.shape == (65, 64)
 
     with torch.no_grad():  # identical forwards before any update
@@ -76,8 +90,10 @@ def test_positional_embedding_trains_as_the_authors_resized_table(tiny_clip, tin
     cos = F.cosine_similarity((new_legacy - before).flatten(), (new_ours - before).flatten(), 0)
     assert cos < 0.99
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(images, tiny_text)["pred_masks"],
-                                   direct.eval()(images, tiny_text)["pred_masks"])
+        torch.testing.assert_close(
+            ours.eval()(images, tiny_text)["pred_masks"],
+            direct.eval()(images, tiny_text)["pred_masks"],
+        )
 
 
 def test_pos_embed_grid_from_config_and_errors():
@@ -106,18 +122,27 @@ def test_model_dropout_reaches_every_decoder_dropout(p):
 
 
 def test_decoder_without_dropout_is_deterministic_in_training_mode(tiny_clip, tiny_text):
-    model = build_segmenter(tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128,
-                            dropout=0.0).train()
+    model = build_segmenter(
+        tiny_clip[0], out_indices=(0, 1, 2), num_heads=4, ffn_dim=128, dropout=0.0
+    ).train()
     images = torch.rand(1, 3, 64, 64) * 255
-    torch.testing.assert_close(model(images, tiny_text)["pred_masks"],
-                               model(images, tiny_text)["pred_masks"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(images, tiny_text)["pred_masks"],
+        model(images, tiny_text)["pred_masks"],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_miou_denominator_switch(tmp_path):
     from cisslib.api import run
 
-    common = ["eval.zero_shot_probe=false", "eval.shift_diagnostics=false",
-              "train.base.iters=2", "train.incremental.iters=2"]
+    common = [
+        "eval.zero_shot_probe=false",
+        "eval.shift_diagnostics=false",
+        "train.base.iters=2",
+        "train.incremental.iters=2",
+    ]
     rows = {}
     for rule in ("gt_or_pred", "gt"):
         out = run(SMOKE, overrides=[*common, f"eval.miou_denominator={rule}"], out=tmp_path / rule)
@@ -131,8 +156,9 @@ def test_miou_denominator_switch(tmp_path):
         assert got == pytest.approx(want)
     # same predictions either way (same seed); the authors' rule also counts predicted-only
     # classes as 0, so it is never higher, and on this untrained model it is lower somewhere
-    pd.testing.assert_frame_equal(rows["gt"][1].drop(columns="run"),
-                                  rows["gt_or_pred"][1].drop(columns="run"))
+    pd.testing.assert_frame_equal(
+        rows["gt"][1].drop(columns="run"), rows["gt_or_pred"][1].drop(columns="run")
+    )
     default, gt_only = rows["gt_or_pred"][0]["mIoU"], rows["gt"][0]["mIoU"]
     assert (default <= gt_only + 1e-12).all() and (default < gt_only - 1e-6).any()
 
@@ -144,7 +170,7 @@ def _authors_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("encoder.visual."):
-            out["backbone." + key[len("encoder.visual."):]] = value
+            out["backbone." + key[len("encoder.visual.") :]] = value
         elif key.startswith(("decoder.input_proj.", "decoder.proj_norm.")):
             _, kind, s, rest = key.split(".", 3)
             out[f"decode_head.{kind}_{int(s) + 1}.{rest}"] = value
@@ -153,7 +179,7 @@ def _authors_state(model: nn.Module) -> dict[str, torch.Tensor]:
             rest = rest.replace("cross_attn.", "multihead_attn.")
             out[f"decode_head.decoder_{int(s) + 1}.{rest}"] = value
         else:
-            out["decode_head." + key[len("decoder."):]] = value
+            out["decode_head." + key[len("decoder.") :]] = value
     out["decode_head.decoder_1.layers.0.multihead_attn.proj_head.weight"] = torch.zeros(4, 4)
     out["ori_clip.conv1.weight"] = torch.zeros(1)
     return {"module." + k: v for k, v in out.items()}
@@ -192,12 +218,19 @@ def test_authors_checkpoint_loads_with_its_32x32_grid(tmp_path):
 def test_init_weights_start_step_zero_from_a_checkpoint(tmp_path):
     from cisslib.api import run
 
-    common = ["eval.zero_shot_probe=false", "eval.shift_diagnostics=false",
-              "train.base.iters=0"]
+    common = ["eval.zero_shot_probe=false", "eval.shift_diagnostics=false", "train.base.iters=0"]
     with pytest.raises(ConfigError, match="train.base.iters"):
         load_config(SMOKE, common)
-    first = run(SMOKE, overrides=["eval.zero_shot_probe=false", "eval.shift_diagnostics=false",
-                                  "train.incremental.iters=2"], out=tmp_path / "a", steps="0")
+    first = run(
+        SMOKE,
+        overrides=[
+            "eval.zero_shot_probe=false",
+            "eval.shift_diagnostics=false",
+            "train.incremental.iters=2",
+        ],
+        out=tmp_path / "a",
+        steps="0",
+    )
     ckpt = first / "checkpoints" / "step0.pt"
     cfg = load_config(SMOKE, [f"model.init_weights={ckpt}"])
     model = build.build_model(cfg, build.build_clip(cfg))

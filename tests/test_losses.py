@@ -27,6 +27,9 @@ from cisslib.losses import (
 # Naive references (plain Python)
 # ---------------------------------------------------------------------------------------------
 
+# SPEC 2 weights (the config's defaults), written out: the criterion has no defaults of its own
+SPEC_WEIGHTS = LossWeights(ce=5.0, mask=50.0, dice=1.0, gpd=1.0, qd=0.15)
+
 
 def sig(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
@@ -515,7 +518,7 @@ def test_criterion_step0_joint_finetune_and_void_switch():
     gen = torch.Generator().manual_seed(8)
     ref_g = F.normalize(torch.randn(2, 3, generator=gen), dim=1).requires_grad_()
     ref_d = F.normalize(torch.randn(2, 3, 2, 2, generator=gen), dim=1).requires_grad_()
-    crit = CISSCriterion()
+    crit = CISSCriterion(SPEC_WEIGHTS)
     step0 = crit(out, LABELS, num_old=0, ref_global=ref_g, ref_dense=ref_d)
     assert "loss_qd" not in step0 and "loss_gpd" in step0
     targets = targets_from_labels(LABELS, 5)
@@ -527,13 +530,15 @@ def test_criterion_step0_joint_finetune_and_void_switch():
     assert ref_g.grad is None and ref_d.grad is None
     assert out["pred_logits"].grad[:, :3].abs().sum() > 0  # step 0: every column counts
     # finetune preset: no GPD, no QD
-    ft = CISSCriterion(use_gpd=False, use_qd=False)(student_outputs(7), LABELS, num_old=3)
+    ft = CISSCriterion(SPEC_WEIGHTS, use_gpd=False, use_qd=False)(
+        student_outputs(7), LABELS, num_old=3
+    )
     assert set(ft) == {
         "loss_ce", "loss_mask", "loss_dice", "loss_mask_0", "loss_dice_0", "loss_mask_1",
         "loss_dice_1", "total",
     }  # fmt: skip
     # ignore_void switch changes the mask terms only
-    iv = CISSCriterion(ignore_void_in_masks=True)(
+    iv = CISSCriterion(SPEC_WEIGHTS, ignore_void_in_masks=True)(
         student_outputs(7), LABELS, num_old=0, ref_global=ref_g, ref_dense=ref_d
     )
     f, _ = mask_losses(student_outputs(7)["pred_masks"], targets, 3.0, (4, 4), valid=LABELS != 255)
@@ -558,7 +563,7 @@ def test_criterion_float32_under_autocast_with_bf16_inputs():
         for k, v in out16.items()
     }  # fmt: skip
     old = old_outputs_fixture(torch.Generator().manual_seed(10))
-    crit = CISSCriterion()
+    crit = CISSCriterion(SPEC_WEIGHTS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = crit(out16, LABELS, num_old=3, old_outputs=old)
     want = crit(up, LABELS, num_old=3, old_outputs=old)
@@ -574,7 +579,7 @@ def test_criterion_batch_without_any_gt_mask():
     gen = torch.Generator().manual_seed(12)
     ref_g = torch.randn(2, 3, generator=gen)
     ref_d = torch.randn(2, 3, 2, 2, generator=gen)
-    losses = CISSCriterion()(out, labels, num_old=0, ref_global=ref_g, ref_dense=ref_d)
+    losses = CISSCriterion(SPEC_WEIGHTS)(out, labels, num_old=0, ref_global=ref_g, ref_dense=ref_d)
     assert losses["loss_mask"].item() == 0.0 and losses["loss_dice_1"].item() == 0.0
     assert losses["loss_gpd"].item() == 0.0  # no prototype: GPD is 0, KL included (authors)
     want_ce = 5.0 * naive_cacp(to_lists(out["pred_logits"]), [[False] * 5] * 2, 0)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 
-from cisslib import workbook  # noqa: E402
+from cisslib.report import workbook  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 300  # seconds per cell: a hung kernel fails the test instead of stalling CI
@@ -163,7 +163,11 @@ def test_explorer_notebook(scenario_run, tmp_path):
 
 def test_cell_timeout_stops_a_hung_cell_and_leaves_no_copy(tmp_path):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.metadata["language_info"] = {"name": "python"}
     params = nbformat.v4.new_code_cell("seconds = 0")
     params.metadata["tags"] = ["parameters"]

@@ -1,5 +1,5 @@
-"""plots.py on fabricated run folders (tests/fixtures_runs.py): tables against hand-worked numbers,
-figures by their axes and lines."""
+"""cisslib.report (tables, figures) and cisslib.runs.load_runs on fabricated run folders
+(tests/fixtures_runs.py): tables against hand-worked numbers, figures by their axes and lines."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 
-from cisslib import plots  # noqa: E402
+from cisslib import report as plots  # noqa: E402
 
 
 @pytest.fixture(scope="module")

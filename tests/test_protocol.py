@@ -11,13 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cisslib.protocol import (
-    SETTINGS,
-    Scenario,
-    class_membership,
-    membership_cache_path,
-    parse_setting,
-)
+from cisslib.data.membership import class_membership, membership_cache_path
+from cisslib.protocol import SETTINGS, Scenario, parse_setting
 
 V = 255
 
@@ -147,7 +142,7 @@ def test_joint_scenario() -> None:
 
 
 def test_train_indices_overlap_and_disjoint(tmp_path) -> None:
-    mem = class_membership(CountingSource(_maps(), 6), cache_dir=tmp_path, progress=False)
+    mem = class_membership(CountingSource(_maps(), 6), cache_folder=tmp_path, progress=False)
     ov = Scenario(6, 2, 2, ORDER, mode="overlap")
     dis = Scenario(6, 2, 2, ORDER, mode="disjoint")
     # step 0 learns raw {3,1}; step 1 {5,2}; step 2 {6,4} (see _maps for each image's labels)
@@ -162,7 +157,7 @@ def test_train_indices_overlap_and_disjoint(tmp_path) -> None:
 
 
 def test_membership_matrix_values(tmp_path) -> None:
-    mem = class_membership(CountingSource(_maps(), 6), cache_dir=tmp_path, progress=False)
+    mem = class_membership(CountingSource(_maps(), 6), cache_folder=tmp_path, progress=False)
     expected = np.zeros((6, 7), bool)
     for i, labels in enumerate([[0, 1, 2, 3, 4, 5, 6], [0, 3], [0, 5], [0], [2, 6], [0, 1, 5]]):
         expected[i, labels] = True
@@ -171,15 +166,15 @@ def test_membership_matrix_values(tmp_path) -> None:
 
 def test_membership_cache(tmp_path) -> None:
     src = CountingSource(_maps(), 6, key="files-v1")
-    first = class_membership(src, cache_dir=tmp_path, progress=False)
+    first = class_membership(src, cache_folder=tmp_path, progress=False)
     assert src.loads == 6
     assert membership_cache_path(src, tmp_path).is_file()
-    second = class_membership(src, cache_dir=tmp_path, progress=False)
+    second = class_membership(src, cache_folder=tmp_path, progress=False)
     assert src.loads == 6  # read from the cache, no rescan
     np.testing.assert_array_equal(first, second)
     other = CountingSource(_maps()[:3], 6, key="files-v2")  # another file list
     assert membership_cache_path(other, tmp_path) != membership_cache_path(src, tmp_path)
-    class_membership(other, cache_dir=tmp_path, progress=False)
+    class_membership(other, cache_folder=tmp_path, progress=False)
     assert other.loads == 3
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
 
@@ -190,7 +185,7 @@ def test_membership_uses_present_labels_fast_path(tmp_path) -> None:
             return np.unique(self.maps[i])
 
     src = Fast(_maps(), 6)
-    mem = class_membership(src, cache_dir=tmp_path, progress=False)
+    mem = class_membership(src, cache_folder=tmp_path, progress=False)
     assert src.loads == 0 and mem[0].all() and mem[3].tolist() == [True] + [False] * 6
 
 
@@ -252,7 +247,7 @@ def test_against_continuum(tmp_path, mode: str, k: int, base: int, inc: int) -> 
         paths.append(str(p))
     order = [int(c) for c in rng.permutation(np.arange(1, k + 1))]
     ours = Scenario(k, base, inc, tuple(order), mode=mode)
-    mem = class_membership(CountingSource(maps, k), cache_dir=tmp_path, progress=False)
+    mem = class_membership(CountingSource(maps, k), cache_folder=tmp_path, progress=False)
     x = np.array(paths)
     for train in (True, False):
         ds = InMemoryDataset(x, x.copy(), data_type=TaskType.SEGMENTATION, train=train)

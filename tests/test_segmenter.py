@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cisslib.segmenter import (
+from cisslib.model.segmenter import (
     CLIPSegmenter,
     _window_starts,
     build_segmenter,

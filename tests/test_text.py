@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cisslib.text import (
+from cisslib.model.text import (
     ENSEMBLE_TEMPLATES,
     SINGLE_TEMPLATES,
     class_text_embeddings,

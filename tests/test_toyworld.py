@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cisslib.toyworld import (
+from cisslib.data.toyworld import (
     BG_MAX_CHROMA,
     TOY_CLASS_PARTS,
     TOY_CLASSES,

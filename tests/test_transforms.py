@@ -8,21 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from cisslib.transforms import (
+from cisslib.data.transforms import (
     SHORT_SIDES_512,
     ColorAugSSD,
     TestTransform,
     TrainTransform,
     hsv_to_rgb,
     rgb_to_hsv,
-    scaled_short_sides,
     shortest_edge_size,
 )
 
 
 def test_short_side_list_and_sizes() -> None:
     assert len(SHORT_SIDES_512) == 16 and SHORT_SIDES_512[0] == 256 and SHORT_SIDES_512[-1] == 1024
-    assert scaled_short_sides(96)[0] == 48 and scaled_short_sides(96)[-1] == 192
     assert shortest_edge_size(375, 500, 512, 2048) == (512, 683)  # 500 * 512 / 375 = 682.67
     assert shortest_edge_size(500, 375, 512, 2048) == (683, 512)
     # 100x1000 -> 512x5120 exceeds 2048 -> scaled by 0.4 -> 204.8 x 2048
@@ -102,7 +100,7 @@ def test_color_jitter_properties(monkeypatch: pytest.MonkeyPatch) -> None:
     # forced hue shift of 60 OpenCV units (= 120 degrees): red -> green
     red = torch.zeros(3, 2, 2)
     red[0] = 200.0
-    monkeypatch.setattr("cisslib.transforms._coin", lambda: True)
+    monkeypatch.setattr("cisslib.data.transforms._coin", lambda: True)
     monkeypatch.setattr("torch.randint", lambda lo, hi, size: torch.tensor(60))
     out = jitter.hue(red)
     assert out[:, 0, 0].tolist() == [0.0, 200.0, 0.0]

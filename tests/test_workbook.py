@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_runs import write_fake_run  # noqa: E402
 
-from cisslib import explorer, workbook  # noqa: E402
+from cisslib.report import explorer, workbook  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,1 @@
+"""The embedded default's tiny CLIP: contrastive pretraining on the toy world."""
