@@ -204,5 +204,26 @@ def build_criterion(cfg: Config) -> CISSCriterion:
 
 
 def step_schedule(cfg: Config, step: int) -> StepSchedule:
-    """Iterations, LR and warmup of ``step``: ``train.base`` at 0, then ``train.incremental``."""
+    """Iterations, LR and warmup of ``step``: ``train.base`` at 0, then ``train.incremental``.
+
+    The ``joint`` preset (one step over every class) trains at the base LR and warmup for
+    :func:`joint_iterations`, the iterations of the whole incremental run it bounds.
+    """
+    if cfg.scenario.joint:
+        base = cfg.train.base
+        return StepSchedule(iters=joint_iterations(cfg), lr=base.lr, warmup_iters=base.warmup_iters)
     return cfg.train.base if step == 0 else cfg.train.incremental
+
+
+def joint_iterations(cfg: Config) -> int:
+    """``train.base.iters + n_incremental_steps * train.incremental.iters`` of the setting.
+
+    The upper bound sees as many iterations as every incremental preset; with the base schedule
+    alone a short schedule would rank it below the incremental runs.
+    """
+    try:
+        k, base, inc = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)
+    except ValueError as e:
+        raise ConfigError(f"scenario.setting: {e}") from None
+    steps = (k - base) // inc if inc else 0
+    return cfg.train.base.iters + steps * cfg.train.incremental.iters

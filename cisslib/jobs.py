@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from cisslib.api import run
+from cisslib.build import joint_iterations
 from cisslib.config import load_config
 from cisslib.files import atomic_write_text
 from cisslib.protocol import parse_setting
@@ -124,18 +125,6 @@ def results_markdown(
     return "\n".join(lines) + "\n"
 
 
-def joint_budget(cfg) -> int:
-    """Iterations of the ``joint`` run in a results table: an incremental run's total.
-
-    ``train.base.iters + n_incremental_steps * train.incremental.iters``, so the upper bound is
-    trained on as many iterations as every incremental preset (with the base schedule alone it
-    would see fewer, and a short toy schedule then ranks it below the incremental runs).
-    """
-    k, base, inc = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)
-    steps = (k - base) // inc if inc else 0
-    return cfg.train.base.iters + steps * cfg.train.incremental.iters
-
-
 def results_doc(
     out: Path,
     params: Path,
@@ -146,19 +135,18 @@ def results_doc(
 ) -> Path:
     """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``.
 
-    ``joint`` trains for :func:`joint_budget` iterations (``train.base.iters`` overridden).
+    ``joint`` trains for an incremental run's total iterations (:func:`build.joint_iterations`).
     """
     cfg = load_config(params, overrides)
     base = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)[1]
-    joint_iters = joint_budget(cfg)
+    joint_iters = joint_iterations(cfg)
     frames, zero = [], []
     for seed in seeds:
         for preset in presets:
             run_dir = out / f"{preset}_seed{seed}"
-            extra = [f"train.base.iters={joint_iters}"] if preset == "joint" else []
             run(
                 params,
-                overrides=[*overrides, *extra, f"run.preset={preset}", f"run.seed={seed}"],
+                overrides=[*overrides, f"run.preset={preset}", f"run.seed={seed}"],
                 out=run_dir,
                 resume=(run_dir / "config.yaml").is_file(),
             )

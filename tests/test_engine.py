@@ -313,8 +313,12 @@ def test_val_selected_checkpoint_is_opt_in(tmp_path):
     assert state["best_score"] >= final - 1e-12
     # by default nothing of the kind is kept, and step 1 starts from the final weights
     default = tmp_path / "default"
-    run(SMOKE, overrides=["eval.zero_shot_probe=false", "eval.shift_diagnostics=false"],
-        out=default, steps="0")
+    run(
+        SMOKE,
+        overrides=["eval.zero_shot_probe=false", "eval.shift_diagnostics=false"],
+        out=default,
+        steps="0",
+    )
     plain = torch.load(default / "checkpoints" / "step0.pt", weights_only=False)
     assert "best_model" not in plain and "best_score" not in plain
     assert load_config(SMOKE).train.select_best_on_val is False

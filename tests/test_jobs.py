@@ -67,19 +67,18 @@ def test_results_markdown_reports_the_last_step_per_preset():
     assert "Seeds: 42." in text
 
 
-def test_joint_budget_is_an_incremental_runs_total():
+def test_joint_preset_trains_for_an_incremental_runs_total_from_every_entry_point():
+    from cisslib.build import step_schedule
     from cisslib.config import load_config
-    from cisslib.jobs import joint_budget
 
-    cfg = load_config(
-        PARAMS / "toy_15-1.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
-    )
-    assert joint_budget(cfg) == 100 + 5 * 7  # 15-1: five incremental steps
-    cfg = load_config(
-        PARAMS / "toy_10-1.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
-    )
-    assert joint_budget(cfg) == 100 + 10 * 7
-    cfg = load_config(
-        PARAMS / "toy_15-5.yaml", ["train.base.iters=100", "train.incremental.iters=7"]
-    )
-    assert joint_budget(cfg) == 100 + 7
+    over = ["train.base.iters=100", "train.incremental.iters=7", "train.base.lr=3e-4"]
+    for params, total in (
+        ("toy_15-1", 100 + 5 * 7),
+        ("toy_10-1", 100 + 10 * 7),
+        ("toy_15-5", 100 + 7),
+    ):
+        cfg = load_config(PARAMS / f"{params}.yaml", [*over, "run.preset=joint"])
+        sched = step_schedule(cfg, 0)
+        assert (sched.iters, sched.lr) == (total, 3e-4)
+        plain = load_config(PARAMS / f"{params}.yaml", over)  # not joint: the base schedule
+        assert step_schedule(plain, 0).iters == 100 and step_schedule(plain, 1).iters == 7
