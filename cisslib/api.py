@@ -56,6 +56,8 @@ def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | No
         Path(out).name if out else default_run_name(params, r.preset, sc.dataset, sc.setting)
     )
     cfg.run.name = name
+    if params is not None and not cfg.run.params:
+        cfg.run.params = Path(params).stem
     return Path(out) if out else Path(r.out_root) / name
 
 

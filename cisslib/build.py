@@ -30,7 +30,8 @@ from cisslib.model.text import (
     class_text_embeddings,
     load_text_embeddings,
 )
-from cisslib.protocol import Scenario, parse_setting
+from cisslib.model.zero_shot import ZeroShotSegmenter
+from cisslib.protocol import Scenario, parse_setting, random_class_order
 from cisslib.toy.clip import pretrain_tiny_clip
 
 log = logging.getLogger("cisslib")
@@ -66,10 +67,15 @@ def build_scenario(cfg: Config, num_classes: int) -> Scenario:
         raise ConfigError(
             f"scenario.setting {sc.setting!r} is for {k} classes but the dataset has {num_classes}"
         )
+    order = tuple(sc.order or ())
+    if sc.random_order:
+        if order:
+            raise ConfigError(
+                "scenario.random_order and scenario.order are both set; give one of them"
+            )
+        order = random_class_order(k, sc.random_order)
     try:
-        return Scenario(
-            num_classes=k, base=base, increment=inc, order=tuple(sc.order or ()), mode=sc.mode
-        )
+        return Scenario(num_classes=k, base=base, increment=inc, order=order, mode=sc.mode)
     except ValueError as e:
         raise ConfigError(f"scenario.order: {e}") from None
 
@@ -146,12 +152,17 @@ def build_text(
 
 
 def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
-    """The CLIP-CISS segmenter on the CLIP image tower (SPEC 1)."""
+    """The CLIP-CISS segmenter on the CLIP image tower (SPEC 1).
+
+    ``model.decoder: none`` gives the zero-shot baseline (no decoder, nothing trains);
+    ``model.freeze_encoder`` keeps the CLIP encoder's weights fixed (the decoder still trains).
+    """
     m = cfg.model
     mean, std = (
         (IMAGENET_MEAN, IMAGENET_STD) if m.pixel_norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
     )
-    return build_segmenter(
+    zero_shot = m.decoder == "none"
+    model = build_segmenter(
         clip.model,
         out_indices=tuple(m.out_indices),
         num_stages=m.num_stages,
@@ -164,8 +175,14 @@ def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
         pixel_std=std,
         double_cls_embedding=m.double_cls_embedding,
         drop_path_active=m.drop_path_active,
-        pos_embed_grid=pos_embed_grid(cfg, clip.model),
+        # zero_shot: the checkpoint's table, interpolated once to each window's grid
+        pos_embed_grid=None if zero_shot else pos_embed_grid(cfg, clip.model),
     )
+    if zero_shot:
+        return ZeroShotSegmenter(model.encoder)
+    if m.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    return model
 
 
 def pos_embed_grid(cfg: Config, clip_model: torch.nn.Module) -> tuple[int, int] | None:

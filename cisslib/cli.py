@@ -10,7 +10,7 @@ from pathlib import Path
 from cisslib.api import run
 from cisslib.config import PRESET_HELP, ConfigError
 from cisslib.data import DatasetError
-from cisslib.jobs import results_doc, run_demo
+from cisslib.jobs import run_demo, run_grid
 from cisslib.protocol import NUM_CLASSES, SETTINGS
 from cisslib.report.workbook import build_report
 from cisslib.toy.clip import checkpoint_meta, pretrain_tiny_clip
@@ -85,12 +85,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_table(args: argparse.Namespace) -> int:
-    out = results_doc(
+def cmd_grid(args: argparse.Namespace) -> int:
+    out = run_grid(
         Path(args.out),
-        params=_params_path(args.params),
-        seeds=args.seeds,
+        params=[_params_path(p) for p in args.params],
         presets=args.presets,
+        seeds=args.seeds,
+        orders=args.orders,
         overrides=args.set,
         doc=Path(args.doc) if args.doc else None,
     )
@@ -137,16 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("table", help="results table of every preset on a toy setting")
-    p.add_argument("--out", default="outputs/table")
-    p.add_argument("--params", default="toy_15-1")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument(
-        "--presets", nargs="+", default=["full", "finetune", "no_cacp", "no_gpd", "no_qd", "joint"]
+    every = ["full", "finetune", "joint", "no_gpd", "no_qd", "no_cacp", "zero_shot",
+             "frozen_encoder"]  # fmt: skip
+    p = sub.add_parser(
+        "grid", help="params x presets x seeds x class orders, aggregated to mean +- std"
     )
+    p.add_argument("--params", nargs="+", default=["toy_15-1"], help="params files or names")
+    p.add_argument("--presets", nargs="+", default=every)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    orders_help = "class orders: 0 = identity (the authors'), N = random order of seed N"
+    p.add_argument("--orders", type=int, nargs="+", default=[0], help=orders_help)
+    p.add_argument("--out", default="outputs/grid")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--doc", default=None, help="also write the markdown table to this file")
-    p.set_defaults(func=cmd_table)
+    p.add_argument("--doc", default=None, help="also write the results document to this file")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("table", help="every preset on one params file (a grid, identity order)")
+    p.add_argument("--params", nargs=1, default=["toy_15-1"])
+    p.add_argument("--presets", nargs="+", default=every)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42])
+    p.add_argument("--out", default="outputs/table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--doc", default=None, help="also write the results document to this file")
+    p.set_defaults(func=cmd_grid, orders=[0])
     return parser
 
 

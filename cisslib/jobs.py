@@ -1,21 +1,23 @@
-"""Jobs made of several runs: the demo (README command 1) and the results document of presets."""
+"""Jobs made of several runs: the demo (README command 1) and grids of params x presets x seeds
+x class orders with their aggregated results document (``cisslib grid``, ``cisslib table``)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
+import yaml
 
 from cisslib.api import run
 from cisslib.build import joint_iterations
-from cisslib.config import load_config
+from cisslib.config import from_dict, load_config
 from cisslib.files import atomic_write_text
 from cisslib.protocol import parse_setting
+from cisslib.report import grid
 from cisslib.report.workbook import build_report
+from cisslib.runs import RunDir, read_table
 from cisslib.toy.clip import pretrain_tiny_clip
 
 log = logging.getLogger("cisslib")
@@ -50,122 +52,85 @@ def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
     return report
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+def grid_cells(
+    params: Sequence[Path], presets: Sequence[str], seeds: Sequence[int], orders: Sequence[int]
+) -> list[tuple[Path, str, int, int]]:
+    """Every ``(params, preset, seed, order)`` of a grid, in run order."""
+    return [(p, pr, s, o) for p in params for o in orders for s in seeds for pr in presets]
 
 
-def joint_rows(per_class: pd.DataFrame, base: int) -> pd.DataFrame:
-    """Summary-like rows of a joint run split as the incremental setting would split it:
-    ``mIoU_old`` over labels ``1..base`` (and background under ``with_bg``), ``mIoU_new`` over the
-    rest, each the mean IoU of classes with ground truth."""
-    rows = []
-    for (name, preset, step, conv), g in per_class.groupby(["run", "preset", "step", "convention"]):
-        old = g[(g["class_index"] <= base)]
-        new = g[g["class_index"] > base]
-        rows.append(
-            {
-                "run": name,
-                "preset": preset,
-                "step": step,
-                "convention": conv,
-                "mIoU_old": old["iou"].mean(),
-                "mIoU_new": new["iou"].mean(),
-                "mIoU": g["iou"].mean(),
-            }
-        )
-    return pd.DataFrame(rows)
+def grid_run_dir(out: Path, params: Path, preset: str, seed: int, order: int) -> Path:
+    """``<out>/<params stem>/<preset>/seed<seed>`` (``..._order<k>`` for a random order)."""
+    tail = f"seed{seed}" + (f"_order{order}" if order else "")
+    return out / Path(params).stem / preset / tail
 
 
-def results_markdown(
-    frames: list[pd.DataFrame], zero_shot: list[pd.DataFrame], seeds: Sequence[int], title: str
-) -> str:
-    """A markdown table: old / new / all mIoU after the last step, both conventions, per preset.
-
-    A ``joint`` run enters as :func:`joint_rows` (old/new = the incremental setting's classes).
-    """
-    summary = pd.concat(frames, ignore_index=True)
-    last = summary[summary["step"] == summary.groupby("run")["step"].transform("max")]
-    lines = [
-        f"### {title}",
-        "",
-        f"Seeds: {', '.join(map(str, seeds))}. mIoU in %, mean over seeds, "
-        "after the last step (joint: its single step, old/new = the setting's base/later "
-        "classes).",
-        "",
-    ]
-    lines.append(
-        "| preset | fg_only old | fg_only new | fg_only all | with_bg old | with_bg new | "
-        "with_bg all |"
-    )
-    lines.append("|---|---|---|---|---|---|---|")
-    for preset, grp in last.groupby("preset", sort=False):
-        cells = []
-        for conv in ("fg_only", "with_bg"):
-            g = grp[grp["convention"] == conv]
-            cells += [
-                _fmt(g["mIoU_old"].mean()),
-                _fmt(g["mIoU_new"].mean()),
-                _fmt(g["mIoU"].mean()),
-            ]
-        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
-    zs = [z for z in zero_shot if len(z)]
-    if zs:
-        z = pd.concat(zs, ignore_index=True)
-        z = z.groupby(["preset", "step"])["iou"].mean().unstack("step")
-        lines += [
-            "",
-            "Zero-shot probe: mIoU (%) on the classes of future steps, after each step "
-            "(before they are learned).",
-            "",
-        ]
-        lines.append("| preset | " + " | ".join(f"after step {s}" for s in z.columns) + " |")
-        lines.append("|---|" + "---|" * len(z.columns))
-        for preset, row in z.iterrows():
-            lines.append(f"| {preset} | " + " | ".join(_fmt(v) for v in row.values) + " |")
-    return "\n".join(lines) + "\n"
+def _is_complete(run_dir: Path) -> bool:
+    """Every step of the run's own scenario has its checkpoint and its summary rows."""
+    rd = RunDir(run_dir)
+    if not rd.config.is_file() or not rd.table("summary").is_file():
+        return False
+    sc = from_dict(yaml.safe_load(rd.config.read_text()) or {}, where=str(rd.config)).scenario
+    k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+    steps = list(range(1 + ((k - base) // inc if inc else 0)))
+    summary_steps = {int(r["step"]) for r in read_table(rd.table("summary"))}
+    return rd.completed_steps() == steps and summary_steps == set(steps)
 
 
-def results_doc(
+def run_grid(
     out: Path,
-    params: Path,
-    seeds: Sequence[int],
+    params: Sequence[Path],
     presets: Sequence[str],
+    seeds: Sequence[int],
+    orders: Sequence[int] = (0,),
     overrides: Sequence[str] = (),
     doc: Path | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Run every preset (x seeds) on a toy params file; write ``<out>/results.md``.
+    """Run params x presets x seeds x class orders (0 = identity, N = random order seed N),
+    skipping complete runs and resuming interrupted ones; aggregate to mean +- std (n) per cell.
 
-    ``joint`` trains for an incremental run's total iterations (:func:`build.joint_iterations`).
+    Writes ``<out>/metrics.csv`` (every run's metrics), ``<out>/aggregate.csv`` (per cell) and
+    ``<out>/results.md`` (also to ``doc``); returns the results document.
     """
-    cfg = load_config(params, overrides)
-    base = parse_setting(cfg.scenario.dataset, cfg.scenario.setting)[1]
-    joint_iters = joint_iterations(cfg)
-    frames, zero = [], []
-    for seed in seeds:
-        for preset in presets:
-            run_dir = out / f"{preset}_seed{seed}"
-            run(
-                params,
-                overrides=[*overrides, f"run.preset={preset}", f"run.seed={seed}"],
-                out=run_dir,
-                resume=(run_dir / "config.yaml").is_file(),
-            )
-            if preset == "joint":
-                per_class = pd.read_csv(run_dir / "metrics" / "per_class.csv")
-                frames.append(joint_rows(per_class, base))
-            else:
-                frames.append(pd.read_csv(run_dir / "metrics" / "summary.csv"))
-            zpath = run_dir / "metrics" / "zero_shot.csv"
-            if zpath.is_file() and preset in ("full", "finetune"):
-                zero.append(pd.read_csv(zpath))
-    text = results_markdown(frames, zero, seeds, f"Toy results ({Path(params).stem})")
-    if "joint" in presets:
-        text += (
-            f"\njoint trained for {joint_iters} iterations, the total of an incremental run "
-            f"({cfg.train.base.iters} + {joint_iters - cfg.train.base.iters}).\n"
-        )
+    cells = grid_cells(params, presets, seeds, orders)
+    t0 = time.perf_counter()
+    dirs = []
+    for k, (p, preset, seed, order) in enumerate(cells, 1):
+        run_dir = grid_run_dir(out, p, preset, seed, order)
+        dirs.append(run_dir)
+        if _is_complete(run_dir):
+            log.info("grid %d/%d: %s complete, skipped", k, len(cells), run_dir)
+            continue
+        extra = [f"run.preset={preset}", f"run.seed={seed}", f"scenario.random_order={order}"]
+        log.info("grid %d/%d: %s (%.0f s so far)", k, len(cells), run_dir,
+                 time.perf_counter() - t0)  # fmt: skip
+        run(p, overrides=[*overrides, *extra], out=run_dir,
+            resume=RunDir(run_dir).config.is_file())  # fmt: skip
+    metrics = grid.metrics_table(dirs)
+    agg = grid.aggregate(metrics)
+    noise = grid.exceeds_noise(metrics)
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write_text(out / "aggregate.csv", agg.to_csv(index=False))
+    names = ", ".join(Path(p).stem for p in params)
+    text = grid.markdown(agg, noise, title or f"Results ({names})")
+    text += _grid_footnote(params, seeds, orders, overrides)
     path = out / "results.md"
     atomic_write_text(path, text)
     if doc is not None:
         atomic_write_text(doc, text)
+    log.info("grid: %d runs, %s (%.0f s)", len(cells), path, time.perf_counter() - t0)
     return path
+
+
+def _grid_footnote(params, seeds, orders, overrides) -> str:
+    cfg = load_config(params[0], overrides)
+    lines = [
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; class orders "
+        + ", ".join("identity" if o == 0 else f"random #{o}" for o in orders)
+        + ". Percent; mean ± std over the runs of a cell (n runs). `joint` trains for "
+        f"{joint_iterations(cfg)} iterations, the total of an incremental run; its old/new are "
+        "the means of the per-class IoUs of the setting's base / later classes.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -61,6 +61,18 @@ def parse_setting(dataset: str, name: str) -> tuple[int, int, int]:
     return k, base, inc
 
 
+def random_class_order(num_classes: int, seed: int) -> tuple[int, ...]:
+    """A seeded random permutation of the raw labels ``1..num_classes`` (a class order).
+
+    The robustness studies of PLOP/MiB draw such orders; the same seed gives the same order on
+    every machine (NumPy's PCG64).
+    """
+    if seed < 1:
+        raise ValueError(f"random order seed {seed} must be >= 1 (0 means: no random order)")
+    perm = np.random.default_rng(int(seed)).permutation(num_classes) + 1
+    return tuple(int(c) for c in perm)
+
+
 def _check_split(k: int, base: int, inc: int, what: str) -> None:
     if not 1 <= base <= k:
         raise ValueError(f"{what}: base={base} must lie in 1..{k} (the number of classes)")

@@ -9,6 +9,11 @@ into DataFrames), the step checkpoints read back, and the run's log.
 <run>/metrics/per_class.csv     per step, convention and class: group, step_added, iou
 <run>/metrics/zero_shot.csv     per step and future class: iou before it is learned
 <run>/metrics/shift.csv         per step and class: text_cos, drift_cos
+<run>/metrics/pixel_flow.csv    per step, convention and class: where its GT pixels are predicted
+<run>/metrics/calibration.csv   per step and old/new group: reliability bins of P(present), ECE
+<run>/metrics/cost.csv          per step: wall time, iterations/s, images/s, peak memory, params
+<run>/metrics/continual.csv     avg incremental mIoU, final old/new/all, hIoU, forgetting, BWT, ...
+<run>/metrics/continual_per_class.csv   per class: forgetting, backward transfer, ...
 <run>/checkpoints/step{t}.pt    weights after step t (+ config, metrics)
 <run>/checkpoints/last.pt       resume point inside the running step (removed when the step ends)
 ```
@@ -31,48 +36,45 @@ from cisslib.files import atomic_path
 
 LOGGER_NAME = "cisslib"
 
+#: The run folder's tidy tables and their columns (``RunDir.table(name)`` gives the path).
 TABLES: dict[str, tuple[str, ...]] = {
     "losses": ("run", "preset", "step", "iter", "term", "value"),
     "summary": (
-        "run",
-        "preset",
-        "dataset",
-        "setting",
-        "mode",
-        "seed",
-        "step",
-        "convention",
-        "n_seen",
-        "mIoU",
-        "mIoU_base",
-        "mIoU_novel",
-        "mIoU_old",
-        "mIoU_new",
+        "run", "preset", "dataset", "setting", "mode", "seed", "step", "convention", "n_seen",
+        "mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new",
     ),
     "per_class": (
-        "run",
-        "preset",
-        "step",
-        "convention",
-        "class_index",
-        "class_name",
-        "group",
-        "step_added",
+        "run", "preset", "step", "convention", "class_index", "class_name", "group", "step_added",
         "iou",
     ),
     "zero_shot": ("run", "preset", "step", "class_index", "class_name", "step_added", "iou"),
     "shift": (
-        "run",
-        "preset",
-        "step",
-        "class_index",
-        "class_name",
-        "step_added",
-        "seen",
-        "text_cos",
+        "run", "preset", "step", "class_index", "class_name", "step_added", "seen", "text_cos",
         "drift_cos",
     ),
-}
+    "pixel_flow": (
+        "run", "preset", "step", "convention", "class_index", "class_name", "step_added", "group",
+        "n_pixels", "to_self", "to_old", "to_new", "to_background",
+    ),
+    "calibration": (
+        "run", "preset", "step", "group", "bin", "bin_low", "bin_high", "n", "frac_present",
+        "mean_prob", "ece", "mean_prob_present", "mean_prob_absent",
+    ),
+    "cost": (
+        "run", "preset", "step", "device", "precision", "threads", "processes", "iterations",
+        "train_seconds", "iters_per_second", "images_per_second", "eval_seconds",
+        "peak_memory_mb", "memory_kind", "trainable_params",
+    ),
+    "continual": ("run", "preset", "seed", "convention", "metric", "value"),
+    "continual_per_class": (
+        "run", "preset", "seed", "convention", "class_index", "class_name", "step_added",
+        "iou_learned", "iou_best", "iou_final", "forgetting", "backward_transfer",
+        "zero_shot_before",
+    ),
+}  # fmt: skip
+
+#: Tables rewritten whole after every step from the others (not appended to).
+DERIVED_TABLES = ("continual", "continual_per_class")
 
 
 def default_run_name(

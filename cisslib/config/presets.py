@@ -14,6 +14,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "no_gpd": {"loss.use_gpd": False},
     "no_qd": {"loss.use_qd": False},
     "no_cacp": {"model.class_head": "query"},
+    "zero_shot": {"model.decoder": "none", "loss.use_gpd": False, "loss.use_qd": False},
+    "frozen_encoder": {"model.freeze_encoder": True, "loss.use_gpd": False, "loss.use_qd": False},
 }
 
 PRESET_HELP: dict[str, str] = {
@@ -23,4 +25,6 @@ PRESET_HELP: dict[str, str] = {
     "no_gpd": "the full method without Generalization-Preserving Distillation",
     "no_qd": "the full method without Query Distillation",
     "no_cacp": "ZegCLIP's 2-logit classifier on the final query instead of the CACP head",
+    "zero_shot": "no training: CLIP's dense features against the class texts (the floor)",
+    "frozen_encoder": "decoder and head train, the CLIP encoder stays frozen (DFT*-style)",
 }

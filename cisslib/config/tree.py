@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = ""  # run folder name under out_root; "" = "<params stem>_<preset>"
+    params: str = ""  # the params file the run came from (its stem; recorded by cisslib)
     preset: str = "full"  # full | finetune | joint | no_gpd | no_qd | no_cacp
     seed: int = 42  # SPEC 4: SEED 42; drives Python, NumPy, torch and data order
     out_root: str = "outputs"
@@ -51,24 +52,25 @@ class ScenarioConfig:
     data_root: str | None = None  # dataset root; None = $CISS_DATA
     validate: str = "sample"  # full | sample | off: checks on the data files at start
     joint: bool = False  # all classes in a single step (the `joint` upper bound)
+    # a seeded random class order (PLOP/MiB robustness studies): 0 = off (scenario.order or the
+    # identity), N > 0 = the permutation of the classes drawn with seed N
+    random_order: int = 0
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 
 @dataclass
 class ClipConfig:
     name: str = "ViT-B-16"  # open_clip model name
-    pretrained: str | None = (
-        None  # path to ViT-B-16.pt / open_clip file, an open_clip tag, "toy", or None
-    )
+    # path to ViT-B-16.pt / an open_clip file, an open_clip tag, "toy", or None (random)
+    pretrained: str | None = None
     model_cfg: dict | None = None  # explicit open_clip CLIP(**model_cfg), for custom sizes
 
 
 @dataclass
 class TextConfig:
     templates: str = "single"  # single ("a photo of a {}", SPEC 1.2) | ensemble (15 templates)
-    embeddings: str | None = (
-        None  # an authors'-format .npy (N x D float16) instead of the text encoder
-    )
+    # an authors'-format .npy (N x D float16) instead of the text encoder
+    embeddings: str | None = None
     class_names: list[str] | None = None  # override the dataset's names used in prompts
 
 
@@ -82,9 +84,8 @@ class ModelConfig:
     num_heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.1
-    class_head: str = (
-        "cacp"  # cacp (SPEC 1.3.5) | query (ZegCLIP 2-logit head: the no_cacp ablation)
-    )
+    # cacp (SPEC 1.3.5) | query (ZegCLIP's 2-logit head on the final query: no_cacp ablation)
+    class_head: str = "cacp"
     pixel_norm: str = "imagenet"  # imagenet (authors, SPEC 1.1) | clip
     double_cls_embedding: bool = True  # authors' quirk (SPEC 1.1)
     drop_path_active: bool = False  # authors build drop path 0.1 but never call it (SPEC 1.1)
@@ -95,6 +96,10 @@ class ModelConfig:
     # step-0 segmenter weights (a cisslib step{t}.pt or the authors' model_best.pth) loaded over
     # the CLIP weights before training; the GPD reference stays the original CLIP
     init_weights: str | None = None
+    # atm (the method's decoder) | none (no decoder: score maps from CLIP's dense features against
+    # the class texts, nothing trains: the zero_shot baseline)
+    decoder: str = "atm"
+    freeze_encoder: bool = False  # the CLIP encoder stays frozen at every step (frozen_encoder)
 
 
 @dataclass
@@ -156,6 +161,7 @@ class EvalConfig:
     miou_denominator: str = "gt_or_pred"
     zero_shot_probe: bool = True  # IoU of future classes before they are learned
     shift_diagnostics: bool = True  # prototype-text cosine and drift per class
+    calibration_bins: int = 10  # reliability-diagram bins of the CACP presence probabilities
 
 
 @dataclass

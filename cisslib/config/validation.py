@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.gpd_reduction": ("sum", "mean"),
     "loss.gpd_pool_at": ("mask", "feature"),
     "eval.miou_denominator": ("gt_or_pred", "gt"),
+    "model.decoder": ("atm", "none"),
 }
 
 
@@ -49,6 +50,11 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(
             f"{where}: eval.stride ({cfg.eval.stride}) exceeds eval.window ({cfg.eval.window}): "
             "pixels would be skipped; use a stride <= window"
+        )
+    if cfg.scenario.random_order < 0:
+        raise ConfigError(
+            f"{where}: key 'scenario.random_order' must be 0 (off) or a positive seed, got "
+            f"{cfg.scenario.random_order}"
         )
     grid = cfg.model.pos_embed_grid
     if isinstance(grid, str) and grid not in ("crop", "checkpoint"):

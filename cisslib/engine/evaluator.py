@@ -18,6 +18,8 @@ from cisslib.data.step_dataset import StepDataset
 from cisslib.engine.data_order import rank_indices, val_loader
 from cisslib.engine.runtime import Runtime, unwrap
 from cisslib.metrics import PrototypeAccumulator, SegMetrics, shift_rows
+from cisslib.metrics.calibration import PresenceCalibration
+from cisslib.metrics.pixel_flow import pixel_flow_rows
 from cisslib.protocol import Scenario
 
 log = logging.getLogger("cisslib")
@@ -37,6 +39,7 @@ class EvalSettings:
     zero_shot_probe: bool = True
     shift_diagnostics: bool = True
     num_workers: int = 0
+    calibration_bins: int = 10
 
 
 @dataclass
@@ -47,6 +50,11 @@ class EvalResult:
     per_class: list[dict]
     zero_shot: list[dict] = field(default_factory=list)
     shift: list[dict] = field(default_factory=list)
+    pixel_flow: list[dict] = field(default_factory=list)
+    calibration: list[dict] = field(default_factory=list)
+
+    #: the tables of the run folder this result holds rows for
+    TABLES = ("summary", "per_class", "zero_shot", "shift", "pixel_flow", "calibration")
 
 
 class Evaluator:
@@ -100,10 +108,14 @@ class Evaluator:
     def _lut(self, step: int) -> torch.Tensor:
         return torch.as_tensor(self.scenario.test_lut(step).astype(np.int64))
 
-    def _scores(self, model: nn.Module, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _scores(
+        self, model: nn.Module, image: torch.Tensor, text: torch.Tensor, on_window=None
+    ) -> torch.Tensor:
         s = self.settings
         with self.runtime.autocast():
-            scores = model.sliding_scores(image, text, window=s.window, stride=s.stride)
+            scores = model.sliding_scores(
+                image, text, window=s.window, stride=s.stride, on_window=on_window
+            )
         return scores.float().cpu()
 
     # ---------------------------------------------------------------- metrics
@@ -127,7 +139,7 @@ class Evaluator:
         """
         was_training = model.training
         model.eval()  # the whole evaluation in eval mode (also the prototypes)
-        result = self._run(model, step, probe=self.settings.zero_shot_probe)
+        result = self._run(model, step, probe=self.settings.zero_shot_probe, full=True)
         if self.settings.shift_diagnostics:
             ref = reference_prototypes() if reference_prototypes is not None else None
             protos = self.prototypes(unwrap(model).encoder)
@@ -144,7 +156,9 @@ class Evaluator:
         model.train(was_training)
         return result
 
-    def _run(self, model: nn.Module, step: int, probe: bool) -> EvalResult:
+    def _run(self, model: nn.Module, step: int, probe: bool, full: bool = False) -> EvalResult:
+        """One pass over the val set: metrics, the probe when ``probe``, and with ``full`` the
+        pixel flow and the presence calibration of the step."""
         sc, s = self.scenario, self.settings
         was_training = model.training
         model.eval()
@@ -155,9 +169,15 @@ class Evaluator:
         seen = SegMetrics(c_t, tau=s.tau, count_pred_only=s.count_pred_only)
         every = SegMetrics(k, tau=s.tau, count_pred_only=s.count_pred_only)
         do_probe = probe and c_t < k
+        is_old = self.step_of_label[1 : c_t + 1] < step
+        calibration = PresenceCalibration(is_old, bins=s.calibration_bins) if full else None
         for image, raw in self.loader():
             image = image.to(device)
-            seen.update(self._scores(model, image, text_t), lut_t[raw])
+            labels = lut_t[raw]
+            on_window = None
+            if calibration is not None:
+                on_window = _presence_recorder(calibration, labels, c_t)
+            seen.update(self._scores(model, image, text_t, on_window), labels)
             if do_probe:
                 every.update(self._scores(model, image, text_all), lut_all[raw])
         seen.all_reduce_()
@@ -169,6 +189,14 @@ class Evaluator:
         if do_probe:
             every.all_reduce_()
             result.zero_shot = self._zero_shot_rows(every, step)
+        if full:
+            flow = pixel_flow_rows(
+                seen.fg_only.numpy(), seen.with_bg.numpy(), step, self.step_of_label,
+                self.class_names[:c_t],
+            )  # fmt: skip
+            result.pixel_flow = [{**self.meta, **r} for r in flow]
+            calibration.all_reduce_()
+            result.calibration = [{**self.meta, **r} for r in calibration.rows(step)]
         if was_training:
             model.train()
         return result
@@ -213,3 +241,19 @@ def _patch_crop(image: torch.Tensor, labels: torch.Tensor, patch: int):
     h, w = image.shape[-2:]
     h2, w2 = max(patch, h - h % patch), max(patch, w - w % patch)
     return image[..., :h2, :w2], labels[..., :h2, :w2]
+
+
+def _presence_recorder(calibration: PresenceCalibration, labels: torch.Tensor, num_seen: int):
+    """A sliding-window callback adding each window's presence probabilities with the truth
+    "the class has GT pixels in the window" (``labels``: ``(1, H, W)`` test labels)."""
+
+    def record(y0: int, y1: int, x0: int, x1: int, presence: torch.Tensor) -> None:
+        window = labels[:, y0:y1, x0:x1].reshape(labels.shape[0], -1)
+        present = torch.zeros(presence.shape, dtype=torch.bool)
+        for b in range(window.shape[0]):
+            ids = torch.unique(window[b])
+            ids = ids[(ids >= 1) & (ids <= num_seen)]
+            present[b, ids - 1] = True
+        calibration.update(presence, present)
+
+    return record

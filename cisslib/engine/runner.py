@@ -17,12 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from cisslib import build
 from cisslib.config import Config, save_config, to_dict
+from cisslib.constants import CONVENTIONS
 from cisslib.data.membership import class_membership
 from cisslib.data.step_dataset import StepDataset
 from cisslib.data.validation import validate_source
@@ -33,14 +35,16 @@ from cisslib.engine.checkpoint import (
     apply_rng,
     save_step_checkpoint,
 )
+from cisslib.engine.cost import StepCost
 from cisslib.engine.data_order import train_loader
 from cisslib.engine.evaluator import EvalResult, EvalSettings, Evaluator
 from cisslib.engine.optim import make_optimizer
 from cisslib.engine.runtime import Runtime, mix_seed, seed_everything
 from cisslib.engine.trainer import StepTrainer
 from cisslib.files import atomic_torch_save
+from cisslib.metrics.continual import class_rows, run_metrics
 from cisslib.model import freeze, frozen_encoder_copy, load_segmenter_weights
-from cisslib.runs import TABLES, RunDir, Table, setup_logging
+from cisslib.runs import DERIVED_TABLES, TABLES, RunDir, Table, setup_logging
 
 log = logging.getLogger("cisslib")
 
@@ -87,7 +91,7 @@ class Runner:
             window=e.window, stride=e.stride, tau=e.tau,
             count_pred_only=e.miou_denominator == "gt_or_pred", max_images=e.max_images,
             zero_shot_probe=e.zero_shot_probe, shift_diagnostics=e.shift_diagnostics,
-            num_workers=cfg.run.num_workers,
+            num_workers=cfg.run.num_workers, calibration_bins=e.calibration_bins,
         )  # fmt: skip
         self.evaluator = Evaluator(
             self.scenario, self.text, self.class_names, self.val_source, test_transform,
@@ -136,7 +140,9 @@ class Runner:
         else:
             keep = lambda r: int(r["step"]) < first  # noqa: E731
         for name, table in self.tables.items():
-            # the loss history of an interrupted step is trimmed in run_step, at its resume point
+            if name in DERIVED_TABLES:
+                continue  # recomputed after every step
+            # the loss history of an interrupted step is trimmed in _train, at its resume point
             table.load(keep=(lambda r: True) if name == "losses" and self.resume else keep)
         rt = self.runtime
         log.info(
@@ -152,11 +158,24 @@ class Runner:
 
     def run_step(self, step: int) -> None:
         """Prepare, train, evaluate, write and save step ``step``."""
-        cfg, sc = self.cfg, self.scenario
+        cfg = self.cfg
         seed_everything(mix_seed(cfg.run.seed, 1000 + step))
         sched = build.step_schedule(cfg, step)
         trainer = self._trainer(step)
-        tr = cfg.train
+        cost = StepCost(self.runtime, trainer.model)
+        if cost.trainable:
+            best, done = self._train(step, trainer, sched)
+        else:
+            log.info("step %d: nothing to train (preset %s): evaluation only", step,
+                     cfg.run.preset)  # fmt: skip
+            best, done = BestState(), 0
+        cost.trained(done, cfg.train.batch_size)
+        self._finish_step(step, trainer.model, best, cost)
+
+    def _train(self, step: int, trainer: StepTrainer, sched) -> tuple[BestState, int]:
+        """The training iterations of ``step`` (from its resume point when resuming); returns
+        the val-selection state and the number of iterations run here."""
+        sc, tr = self.scenario, self.cfg.train
         opt, lr_sched = make_optimizer(
             trainer.model, lr=sched.lr, iters=sched.iters, warmup_iters=sched.warmup_iters,
             warmup_factor=tr.warmup_factor, poly_power=tr.poly_power,
@@ -191,14 +210,14 @@ class Runner:
         callbacks = self._callbacks(
             step, trainer, start, sched.iters, opt, lr_sched, scaler, best, bar
         )
-        trainer.train(
+        last = trainer.train(
             loader, start=start, step=step, optimizer=opt, scheduler=lr_sched, scaler=scaler,
             callbacks=callbacks,
         )  # fmt: skip
         if bar is not None:
             bar.close()
         self.tables["losses"].flush()
-        self._finish_step(step, trainer.model, best)
+        return best, last - start
 
     # ---------------------------------------------------------------- the step's objects
 
@@ -323,19 +342,22 @@ class Runner:
                 atomic_torch_save(self._ref_protos, path)
         return self._ref_protos
 
-    def _finish_step(self, step: int, model: nn.Module, best: BestState) -> None:
+    def _finish_step(self, step: int, model: nn.Module, best: BestState, cost: StepCost) -> None:
         """Evaluate, write the step's rows and its checkpoint; the resume point goes."""
         result: EvalResult = self.evaluator.evaluate(model, step, self._reference_prototypes)
         if self.cfg.train.select_best_on_val:
             self._track_best(model, step, best)
+        cost.evaluated()
         for row in result.summary:
             log.info(
                 "eval step %d %s: mIoU %.4f base %.4f novel %.4f old %.4f new %.4f",
                 step, row["convention"], row["mIoU"], row["mIoU_base"], row["mIoU_novel"],
                 row["mIoU_old"], row["mIoU_new"],
             )  # fmt: skip
-        for name in ("summary", "per_class", "zero_shot", "shift"):
+        for name in EvalResult.TABLES:
             self.tables[name].extend(getattr(result, name), flush=False)
+        self.tables["cost"].extend([{**self.meta, **cost.row(step)}], flush=False)
+        self._derive_continual()
         if self.runtime.dist.main:
             save_step_checkpoint(
                 self.run.step_checkpoint(step), step=step, model=model,
@@ -344,7 +366,30 @@ class Runner:
                 summary=result.summary,
                 best=best if self.cfg.train.select_best_on_val else None,
             )  # fmt: skip
-            for name in ("summary", "per_class", "zero_shot", "shift", "losses"):
-                self.tables[name].flush()
+            for table in self.tables.values():
+                table.flush()
         self.resume_point.clear()
         self.runtime.barrier()
+
+    def _derive_continual(self) -> None:
+        """Rewrite the continual-learning tables from the run's summary and per-class rows."""
+        frames = {
+            name: pd.DataFrame(self.tables[name].rows, columns=list(TABLES[name]))
+            for name in ("summary", "per_class", "zero_shot")
+        }
+        for name in ("summary", "per_class", "zero_shot"):
+            frame = frames[name]
+            for col in ("step", "class_index", "step_added"):
+                if col in frame:
+                    frame[col] = pd.to_numeric(frame[col])
+            for col in ("mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new", "iou"):
+                if col in frame:
+                    frame[col] = pd.to_numeric(frame[col], errors="coerce")
+        meta = {k: self.meta[k] for k in ("run", "preset", "seed")}
+        per_run = run_metrics(frames["summary"], frames["per_class"], frames["zero_shot"])
+        self.tables["continual"].rows = [{**meta, **r} for r in per_run]
+        per_class = []
+        for conv in CONVENTIONS:
+            rows = class_rows(frames["per_class"], frames["zero_shot"], conv)
+            per_class += [{**meta, **r} for r in rows]
+        self.tables["continual_per_class"].rows = per_class

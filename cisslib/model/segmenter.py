@@ -5,6 +5,7 @@ sliding-window inference (SPEC 1.3.4-6, 4).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,79 @@ from cisslib.metrics.conventions import labels_from_scores
 from cisslib.model.decoder import ATMDecoder
 from cisslib.model.encoder import IMAGENET_MEAN, IMAGENET_STD, DenseCLIPEncoder
 
+#: ``on_window(y0, y1, x0, x1, presence (B, C))``: called for every window of a sliding pass.
+WindowCallback = Callable[[int, int, int, int, torch.Tensor], None]
 
-class CLIPSegmenter(nn.Module):
+
+class SlidingWindowSegmenter(nn.Module):
+    """Sliding-window inference (SPEC 4) over a model's :meth:`window_scores`."""
+
+    def window_scores(
+        self, images: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scores (B, C, H, W) in 0..1, presence (B, C) or None)`` of one window."""
+        raise NotImplementedError
+
+    def sliding_scores(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        window: int = 512,
+        stride: int = 341,
+        on_window: WindowCallback | None = None,
+    ) -> torch.Tensor:
+        """Average of the window scores over overlapping ``window`` crops, ``(B, C, H, W)``.
+
+        Windows start every ``stride`` pixels and the last one is shifted back to end at the
+        border (mmseg's slide inference, SPEC 4). A side shorter than ``window`` is covered by
+        one crop of its full length, so an image that fits one window gives exactly one forward.
+        Any size and aspect ratio works (the authors' code breaks for aspect > 4, SPEC 7.8).
+        ``on_window`` sees every window's box and presence probabilities (calibration).
+        """
+        if window < 1 or stride < 1:
+            raise ValueError(f"sliding_scores: window {window} and stride {stride} must be >= 1")
+        if stride > window:
+            raise ValueError(f"sliding_scores: stride {stride} > window {window} leaves gaps")
+        B, _, H, W = images.shape
+        C = text.shape[0]
+        ys = _window_starts(H, window, stride)
+        xs = _window_starts(W, window, stride)
+        if len(ys) == 1 and len(xs) == 1:
+            scores, present = self.window_scores(images, text)
+            if on_window is not None and present is not None:
+                on_window(0, H, 0, W, present)
+            return scores
+        total = images.new_zeros((B, C, H, W))
+        count = images.new_zeros((1, 1, H, W))
+        for y in ys:
+            for x in xs:
+                y2, x2 = min(y + window, H), min(x + window, W)
+                scores, present = self.window_scores(images[:, :, y:y2, x:x2], text)
+                total[:, :, y:y2, x:x2] += scores
+                count[:, :, y:y2, x:x2] += 1
+                if on_window is not None and present is not None:
+                    on_window(y, y2, x, x2, present)
+        return total / count
+
+    @torch.no_grad()
+    def segment(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        window: int = 512,
+        stride: int = 341,
+        tau: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label maps ``(B, H, W)`` (class c <-> label c + 1) and scores ``(B, C, H, W)``.
+
+        ``tau=None``: argmax over the C classes (authors, SPEC 4); a float: pixels whose best
+        score is below ``tau`` get label 0 (background).
+        """
+        scores = self.sliding_scores(images, text, window=window, stride=stride)
+        return labels_from_scores(scores, tau=tau), scores
+
+
+class CLIPSegmenter(SlidingWindowSegmenter):
     """CLIP ViT encoder + ATM decoder with CACP head.
 
     Attributes ``encoder`` (:class:`DenseCLIPEncoder`) and ``decoder`` (:class:`ATMDecoder`);
@@ -75,58 +147,18 @@ class CLIPSegmenter(nn.Module):
             "text": text,
         }
 
-    def score_maps(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def window_scores(
+        self, images: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``S = softmax(pred_logits)[..., 0] * sigmoid(pred_masks)``, ``(B, C, H, W)``
-        (SPEC 1.3.6)."""
+        (SPEC 1.3.6), and the CACP presence probabilities ``(B, C)``."""
         out = self(images, text)
         present = out["pred_logits"].softmax(dim=-1)[..., 0]
-        return present[..., None, None] * out["pred_masks"].sigmoid()
+        return present[..., None, None] * out["pred_masks"].sigmoid(), present
 
-    def sliding_scores(
-        self, images: torch.Tensor, text: torch.Tensor, window: int = 512, stride: int = 341
-    ) -> torch.Tensor:
-        """Average of :meth:`score_maps` over overlapping ``window`` crops, ``(B, C, H, W)``.
-
-        Windows start every ``stride`` pixels and the last one is shifted back to end at the
-        border (mmseg's slide inference, SPEC 4). A side shorter than ``window`` is covered by
-        one crop of its full length, so an image that fits one window gives exactly one forward.
-        Any size and aspect ratio works (the authors' code breaks for aspect > 4, SPEC 7.8).
-        """
-        if window < 1 or stride < 1:
-            raise ValueError(f"sliding_scores: window {window} and stride {stride} must be >= 1")
-        if stride > window:
-            raise ValueError(f"sliding_scores: stride {stride} > window {window} leaves gaps")
-        B, _, H, W = images.shape
-        C = text.shape[0]
-        ys = _window_starts(H, window, stride)
-        xs = _window_starts(W, window, stride)
-        if len(ys) == 1 and len(xs) == 1:
-            return self.score_maps(images, text)
-        total = images.new_zeros((B, C, H, W))
-        count = images.new_zeros((1, 1, H, W))
-        for y in ys:
-            for x in xs:
-                y2, x2 = min(y + window, H), min(x + window, W)
-                total[:, :, y:y2, x:x2] += self.score_maps(images[:, :, y:y2, x:x2], text)
-                count[:, :, y:y2, x:x2] += 1
-        return total / count
-
-    @torch.no_grad()
-    def segment(
-        self,
-        images: torch.Tensor,
-        text: torch.Tensor,
-        window: int = 512,
-        stride: int = 341,
-        tau: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Label maps ``(B, H, W)`` (class c <-> label c + 1) and scores ``(B, C, H, W)``.
-
-        ``tau=None``: argmax over the C classes (authors, SPEC 4); a float: pixels whose best
-        score is below ``tau`` get label 0 (background).
-        """
-        scores = self.sliding_scores(images, text, window=window, stride=stride)
-        return labels_from_scores(scores, tau=tau), scores
+    def score_maps(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The scores of :meth:`window_scores`, ``(B, C, H, W)``."""
+        return self.window_scores(images, text)[0]
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
