@@ -102,7 +102,9 @@ def run_grid(
         if _is_complete(run_dir):
             log.info("grid %d/%d: %s complete, skipped", k, len(cells), run_dir)
             continue
-        extra = [f"run.preset={preset}", f"run.seed={seed}", f"scenario.random_order={order}"]
+        name = "_".join(run_dir.relative_to(out).parts)  # unique across the grid
+        extra = [f"run.preset={preset}", f"run.seed={seed}", f"scenario.random_order={order}",
+                 f"run.name={name}"]  # fmt: skip
         log.info("grid %d/%d: %s (%.0f s so far)", k, len(cells), run_dir,
                  time.perf_counter() - t0)  # fmt: skip
         run(p, overrides=[*overrides, *extra], out=run_dir,

@@ -228,3 +228,35 @@ def test_grid_runs_skips_complete_runs_and_aggregates(tmp_path, caplog):
     assert len(skipped) == 8
     table = grid.exceeds_noise(metrics)
     assert set(table["preset"]) == {"finetune", "joint", "zero_shot"}
+
+
+# ---------------------------------------------------------------- figures of the mechanism
+def test_pixel_flow_chart_bars_are_pixel_weighted_shares():
+    from cisslib.report.diagnostics import pixel_flow_chart
+
+    rows = [  # two old classes at step 1: 10 and 30 pixels
+        dict(run="r", step=1, convention="with_bg", group="old", n_pixels=10, to_self=0.5,
+             to_old=0.1, to_new=0.2, to_background=0.2),
+        dict(run="r", step=1, convention="with_bg", group="old", n_pixels=30, to_self=0.9,
+             to_old=0.0, to_new=0.1, to_background=0.0),
+        dict(run="r", step=1, convention="with_bg", group="new", n_pixels=99, to_self=0.0,
+             to_old=1.0, to_new=0.0, to_background=0.0),
+    ]  # fmt: skip
+    fig = pixel_flow_chart(pd.DataFrame(rows))
+    heights = [patch.get_height() for patch in fig.axes[0].patches]
+    # itself (5 + 27) / 40, old 1 / 40, new (2 + 3) / 40, background 2 / 40
+    assert heights == pytest.approx([80.0, 2.5, 12.5, 5.0])
+
+
+def test_reliability_diagram_plots_the_bins():
+    from cisslib.report.diagnostics import reliability_diagram
+
+    cal = PresenceCalibration(np.array([True, False]), bins=2)
+    cal.update(torch.tensor([[0.9, 0.2]]), torch.tensor([[True, False]]))
+    rows = pd.DataFrame([{"run": "r", **r} for r in cal.rows(step=1)])
+    fig = reliability_diagram(rows, "r")
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    old = lines["old classes (ECE 10.0%)"]
+    assert list(old.get_xdata()) == pytest.approx([0.9]) and list(old.get_ydata()) == [1.0]
+    new = lines["new classes (ECE 20.0%)"]
+    assert list(new.get_xdata()) == pytest.approx([0.2]) and list(new.get_ydata()) == [0.0]
