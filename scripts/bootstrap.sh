@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11 preferred) and install cisslib with its dev and notebook extras.
-# Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+# Create .venv (Python 3.11 preferred) and install the tested set of packages
+# (requirements-lock.txt), then cisslib itself (editable, no dependency resolution).
+# Re-running is cheap: the install is skipped while pyproject.toml and the lock are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-}"
@@ -18,10 +19,11 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=.venv/.cisslib-install
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml requirements-lock.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "bootstrap: installing cisslib[dev] into .venv (torch from PyPI: a few GB the first time)"
+  echo "bootstrap: installing the locked packages into .venv (torch: a few GB the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -r requirements-lock.txt
+  .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
