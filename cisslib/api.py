@@ -1,8 +1,16 @@
-"""The Python entry points used by the CLI and the notebooks: run a scenario, read a step back."""
+"""The Python entry points used by the CLI and the notebooks: run a scenario, read a step back.
+
+:func:`run` guards the run folder: it refuses to start over results without ``--resume``, to
+continue with another config, to resume a folder that holds no run, or to share a folder with a
+live run (``run.lock``); and it writes nothing into the folder before every check that can fail on
+bad input (config, data, weights, embeddings, checkpoints) has passed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +21,18 @@ import yaml
 
 from cisslib import build
 from cisslib.config import Config, ConfigError, from_dict, load_config, to_dict
+from cisslib.config.validation import validate_device
 from cisslib.data.step_dataset import StepDataset
 from cisslib.engine import Runner
-from cisslib.protocol import Scenario
-from cisslib.runs import RunDir, default_run_name, read_step_checkpoint
+from cisslib.protocol import Scenario, parse_setting
+from cisslib.runs import (
+    RunDir,
+    RunFolderError,
+    RunLock,
+    close_log_file,
+    default_run_name,
+    read_step_checkpoint,
+)
 
 __all__ = ["run", "load_step", "LoadedStep", "parse_steps", "resolve_run_dir"]
 
@@ -28,21 +44,39 @@ def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, in
     if steps is None or steps == "":
         return None, None
     if isinstance(steps, int):
-        return steps, steps
-    if isinstance(steps, str):
+        first, last = steps, steps
+    elif isinstance(steps, str):
         parts = steps.split("-")
         try:
-            if len(parts) == 1:
-                return int(parts[0]), int(parts[0])
-            if len(parts) == 2:
-                return int(parts[0]), int(parts[1])
+            if len(parts) not in (1, 2):
+                raise ValueError(steps)
+            first, last = int(parts[0]), int(parts[-1])
         except ValueError:
-            pass
-        raise ConfigError(f"--steps {steps!r}: use A-B (e.g. 0-2) or a single step number")
-    values = [int(s) for s in steps]
-    if not values:
-        return None, None
-    return min(values), max(values)
+            raise ConfigError(
+                f"--steps {steps!r}: use A-B (e.g. 0-2) or a single step number"
+            ) from None
+    else:
+        values = [int(s) for s in steps]
+        if not values:
+            return None, None
+        first, last = min(values), max(values)
+    if first < 0 or last < first:
+        raise ConfigError(f"--steps {steps!r}: give steps A-B with 0 <= A <= B")
+    return first, last
+
+
+def check_steps(cfg: Config, first: int | None, last: int | None) -> None:
+    """The step range against the scenario (before any data is read)."""
+    sc = cfg.scenario
+    k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+    n = Scenario(num_classes=k, base=base, increment=inc).n_steps
+    top = last if last is not None else first
+    if top is not None and top >= n:
+        setting = "joint" if sc.joint else sc.setting
+        raise ConfigError(
+            f"--steps {first}-{last}: {sc.dataset} {setting} has steps 0..{n - 1}; pick steps in "
+            "that range"
+        )
 
 
 def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | None) -> Path:
@@ -72,6 +106,82 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def _saved_config(rd: RunDir) -> dict | None:
+    if not rd.config.is_file():
+        return None
+    try:
+        data = yaml.safe_load(rd.config.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RunFolderError(
+            f"{rd.config} is unreadable ({type(e).__name__}); restore it, or use a new --out"
+        ) from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{rd.config} holds no config; restore it, or use a new --out")
+    return data
+
+
+def _holdings(rd: RunDir) -> str:
+    parts = []
+    if rd.completed_steps():
+        parts.append(f"complete steps {rd.completed_steps()}")
+    if rd.last_checkpoint.is_file():
+        parts.append(f"a resume point ({rd.last_checkpoint})")
+    return ", ".join(parts) or "tables"
+
+
+def check_folder(
+    rd: RunDir, cfg: Config, resume: bool, first: int | None, main: bool = True
+) -> bool:
+    """Whether the run in ``rd`` may go ahead as asked (raises :class:`RunFolderError` with one
+    line if not); returns ``resume`` as it applies: ``False`` when a folder that was asked to
+    resume holds nothing to resume (a failed earlier start). ``main``: the process that locks
+    the folder (the others of a torchrun group do not look at the lock)."""
+    root = rd.root
+    if root.exists() and not root.is_dir():
+        raise RunFolderError(f"--out {root} is a file, not a folder; pass a folder path")
+    if main:
+        RunLock(root).check()
+    old = _saved_config(rd)
+    diffs = _config_differences(old, to_dict(cfg)) if old is not None else []
+    results = rd.holds_results()
+    if resume:
+        if old is None:
+            what = "does not exist" if not root.exists() else "holds no run (no config.yaml)"
+            raise RunFolderError(
+                f"--resume: run folder {root} {what}; drop --resume to start a new run there"
+            )
+        if not results:
+            log.info("run folder %s holds no checkpoint yet: starting from step 0", root)
+            return False
+    elif results and not first:
+        raise RunFolderError(
+            f"run folder {root} already holds a run ({_holdings(rd)}); pass --resume to "
+            "continue it, or --out for a new folder"
+        )
+    elif results and rd.last_checkpoint.is_file():
+        raise RunFolderError(
+            f"run folder {root} holds a resume point ({rd.last_checkpoint}); pass --resume to "
+            "continue it, or --out for a new folder"
+        )
+    if diffs and results:
+        raise RunFolderError(
+            f"run folder {root} was run with another config ({'; '.join(diffs[:3])}; see "
+            f"{rd.config}); use the same params and overrides, or --out for a new folder"
+        )
+    return resume
+
+
+def _check_not_done(rd: RunDir, first: int | None, last: int | None, resume: bool) -> None:
+    if resume or not first:
+        return
+    done = [t for t in rd.completed_steps() if first <= t <= (last if last is not None else t)]
+    if done:
+        raise RunFolderError(
+            f"step {done[0]} is already complete in {rd.root} ({rd.step_checkpoint(done[0])}); "
+            "pass --resume to skip complete steps, or --out for a new folder"
+        )
+
+
 def run(
     params: str | Path | None,
     overrides: Sequence[str] = (),
@@ -86,27 +196,47 @@ def run(
         overrides: ``key.sub=value`` strings applied after the file.
         out: the run folder (default ``<run.out_root>/<params stem>_<preset>``).
         steps: which steps to run (``"A-B"``); steps after 0 need the previous step's checkpoint
-            in the same folder.
-        resume: continue an interrupted run in ``out`` from its last checkpoint.
+            in the same folder, run with the same config.
+        resume: continue an interrupted run in ``out``: complete steps are skipped, the resume
+            point is continued, rows missing from the tables are restored from the step
+            checkpoints.
+
+    Nothing is written into the run folder before the config, the data, the CLIP, the text
+    embeddings and the folder's checkpoints have been checked; while the run works the folder
+    holds ``run.lock``.
     """
+    where = str(params) if params is not None else "config"
     cfg = load_config(params, overrides)
+    validate_device(cfg, where)
     run_dir = resolve_run_dir(cfg, params, out)
     first, last = parse_steps(steps)
+    check_steps(cfg, first, last)
     rd = RunDir(run_dir)
-    if rd.config.is_file() and resume:
-        old = yaml.safe_load(rd.config.read_text()) or {}
-        diffs = _config_differences(old, to_dict(cfg))
-        if diffs:
-            raise ConfigError(
-                f"{rd.config}: --resume with a different config ({'; '.join(diffs[:3])}); "
-                "resume with the same params and overrides, or use a new --out"
-            )
-    elif rd.completed_steps() and not resume and (first is None or first == 0):
-        raise ConfigError(
-            f"run folder {run_dir} already holds results (steps {rd.completed_steps()}); pass "
-            "--resume to continue it or --out for a new folder"
-        )
-    Runner(cfg, run_dir, resume=resume).run_steps(first, last)
+    main = int(os.environ.get("RANK", "0")) == 0
+    resume = check_folder(rd, cfg, resume, first, main)
+    _check_not_done(rd, first, last, resume)
+    runner = Runner(cfg, run_dir, resume=resume, where=where)
+    runner.check(first, last)
+    lock = RunLock(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # removed on a failure
+    try:
+        if main:
+            lock.acquire()
+            check_folder(rd, cfg, resume, first)  # again, holding the lock
+            _check_not_done(rd, first, last, resume)
+        runner.run_steps(first, last)
+    except BaseException as e:
+        if runner.started and not isinstance(e, KeyboardInterrupt):  # the traceback: log.txt only
+            log.error("run failed: %s", e, exc_info=True, extra={"detail": True})
+        if created and not runner.started:  # a failed start leaves no folder behind
+            lock.release()
+            with contextlib.suppress(OSError):
+                for folder in created:
+                    folder.rmdir()
+        raise
+    finally:
+        lock.release()
+        close_log_file()
     return run_dir
 
 

@@ -133,8 +133,9 @@ def build_text(
             f"model.text.class_names lists {len(names)} names; the dataset has "
             f"{scenario.num_classes} classes"
         )
-    if t.embeddings:
-        raw = load_text_embeddings(t.embeddings, num_classes=scenario.num_classes)
+    dim = int(clip.model.visual.output_dim) if hasattr(clip.model.visual, "output_dim") else None
+    if t.embeddings:  # checked against the joint space there: the error names the file
+        raw = load_text_embeddings(t.embeddings, num_classes=scenario.num_classes, dim=dim)
     else:
         templates = SINGLE_TEMPLATES if t.templates == "single" else ENSEMBLE_TEMPLATES
         raw = class_text_embeddings(
@@ -142,7 +143,6 @@ def build_text(
         )
     order = np.asarray(scenario.order) - 1
     text = raw.float()[torch.as_tensor(order)]
-    dim = int(clip.model.visual.output_dim) if hasattr(clip.model.visual, "output_dim") else None
     if dim is not None and text.shape[1] != dim:
         raise ConfigError(
             f"text embeddings have dimension {text.shape[1]} but the CLIP joint space has {dim}; "

@@ -1,19 +1,54 @@
-"""``cisslib`` command line: run scenarios, list settings, build reports, the demo, results docs."""
+"""``cisslib`` command line: run scenarios, list settings, build reports, the demo, results docs.
+
+Every mistake of the user (a bad config value, missing or malformed data, weights or embeddings,
+a run folder that cannot be used as asked, a read-only folder or a full disk) ends in ONE line on
+stderr, ``cisslib <cmd>: error: ...``, naming the key, file or value and what to do, with exit
+code 2. The traceback goes to the run's ``log.txt`` (when the run had started) and to stderr
+with ``--debug``. Anything else is a bug: one line with exit code 1 and the same traceback rules.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from cisslib.api import run
 from cisslib.config import PRESET_HELP, ConfigError
 from cisslib.data import DatasetError
+from cisslib.files import WriteError
 from cisslib.jobs import run_demo, run_grid
+from cisslib.model import WeightsError
 from cisslib.protocol import NUM_CLASSES, SETTINGS
 from cisslib.report.workbook import build_report
+from cisslib.runs import RunFolderError
 from cisslib.toy.clip import checkpoint_meta, pretrain_tiny_clip
+
+
+class ReportError(ValueError):
+    """``cisslib report`` inputs that cannot make a report (wrong output name, no tables)."""
+
+
+#: Errors that are the user's to fix: their message is the one line shown.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DatasetError,
+    WeightsError,
+    RunFolderError,
+    ReportError,
+    WriteError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FloatingPointError,  # a diverging loss: the message names the step, iteration and terms
+)
+#: OSError numbers that are the user's to fix (disk full, read-only file system, ...).
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 
@@ -59,9 +94,22 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    out = build_report(
-        [Path(r) for r in args.runs], Path(args.out), title=args.title, convention=args.convention
-    )
+    out = Path(args.out)
+    if out.suffix != ".html":
+        raise ReportError(f"--out {out}: the report is an HTML file; give a path ending in .html")
+    for r in args.runs:
+        if not (Path(r) / "metrics" / "summary.csv").is_file():
+            what = "does not exist" if not Path(r).exists() else "has no metrics/summary.csv"
+            raise ReportError(
+                f"run folder {r} {what}; pass folders written by `cisslib run` that finished at "
+                "least one step"
+            )
+    try:
+        out = build_report(
+            [Path(r) for r in args.runs], out, title=args.title, convention=args.convention
+        )
+    except (ValueError, KeyError) as e:  # tables that cannot be read back (load_runs)
+        raise ReportError(str(e)) from None
     print(out)
     return 0
 
@@ -103,9 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cisslib", description="CLIP-guided class-incremental semantic segmentation workbook"
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command, too
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run (or resume) a scenario from a params file")
+    p = sub.add_parser("run", parents=[debug], help="run (or resume) a scenario from a params file")
     p.add_argument("params", help="params YAML file (or a name in params/, e.g. smoke)")
     p.add_argument(
         "--set",
@@ -119,20 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("settings", help="list the incremental settings, presets and params files")
+    p = sub.add_parser(
+        "settings", parents=[debug], help="list the incremental settings, presets and params files"
+    )
     p.set_defaults(func=cmd_settings)
 
-    p = sub.add_parser("report", help="HTML report (forgetting, zero-shot, shift) of run folders")
+    p = sub.add_parser(
+        "report", parents=[debug], help="HTML report (forgetting, zero-shot, shift) of run folders"
+    )
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", required=True, help="output .html file")
     p.add_argument("--title", default="cisslib report")
     p.add_argument("--convention", default="fg_only", choices=("fg_only", "with_bg"))
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("toy-clip", help="pretrain (or load from cache) the embedded tiny CLIP")
+    p = sub.add_parser(
+        "toy-clip", parents=[debug], help="pretrain (or load from cache) the embedded tiny CLIP"
+    )
     p.set_defaults(func=cmd_toy_clip)
 
-    p = sub.add_parser("demo", help="toy world: full method vs fine-tuning, HTML report")
+    p = sub.add_parser(
+        "demo", parents=[debug], help="toy world: full method vs fine-tuning, HTML report"
+    )
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--params", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -141,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     every = ["full", "finetune", "joint", "no_gpd", "no_qd", "no_cacp", "zero_shot",
              "frozen_encoder"]  # fmt: skip
     p = sub.add_parser(
-        "grid", help="params x presets x seeds x class orders, aggregated to mean +- std"
+        "grid",
+        parents=[debug],
+        help="params x presets x seeds x class orders, aggregated to mean +- std",
     )
     p.add_argument("--params", nargs="+", default=["toy_15-1"], help="params files or names")
     p.add_argument("--presets", nargs="+", default=every)
@@ -153,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", default=None, help="also write the results document to this file")
     p.set_defaults(func=cmd_grid)
 
-    p = sub.add_parser("table", help="every preset on one params file (a grid, identity order)")
+    p = sub.add_parser(
+        "table", parents=[debug], help="every preset on one params file (a grid, identity order)"
+    )
     p.add_argument("--params", nargs=1, default=["toy_15-1"])
     p.add_argument("--presets", nargs="+", default=every)
     p.add_argument("--seeds", type=int, nargs="+", default=[42])
@@ -164,17 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(e: BaseException) -> bool:
+    """True for an error the user fixes (bad input, folder, disk), False for a bug."""
+    if isinstance(e, USER_ERRORS):
+        return True
+    return isinstance(e, OSError) and e.errno in USER_ERRNOS
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and not isinstance(e, WriteError) and e.filename:
+        text = f"{e.strerror or text}: {e.filename}" if e.strerror else text
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
-        print(f"cisslib {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        print(f"cisslib {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        # the traceback is in the run's log.txt when the run had started (cisslib.api.run) and
+        # on stderr with --debug
+        if args.debug:
+            traceback.print_exc()
+        user = is_user_error(e)
+        what = "error" if user else f"internal error ({type(e).__name__})"
+        hint = "" if user else "; this is a bug: rerun with --debug for the traceback"
+        print(f"cisslib {args.command}: {what}: {_one_line(e)}{hint}", file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

@@ -14,14 +14,19 @@ into DataFrames), the step checkpoints read back, and the run's log.
 <run>/metrics/cost.csv          per step: wall time, iterations/s, images/s, peak memory, params
 <run>/metrics/continual.csv     avg incremental mIoU, final old/new/all, hIoU, forgetting, BWT, ...
 <run>/metrics/continual_per_class.csv   per class: forgetting, backward transfer, ...
-<run>/checkpoints/step{t}.pt    weights after step t (+ config, metrics)
+<run>/checkpoints/step{t}.pt    weights after step t (+ config, the step's rows of every table)
 <run>/checkpoints/last.pt       resume point inside the running step (removed when the step ends)
+<run>/run.lock                  while a run works in the folder: its pid, host and start time
 ```
+
+A step is complete when its checkpoint AND its rows are on disk: the checkpoint is written first
+and holds the step's rows, so a run cut between the two restores the rows on ``--resume``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -30,9 +35,26 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from cisslib.files import atomic_path
+from cisslib.files import atomic_path, read_torch, write_error
+from cisslib.runlock import LOCK_NAME, RunFolderError, RunLock
+
+__all__ = [
+    "LOCK_NAME",
+    "TABLES",
+    "RunDir",
+    "RunFolderError",
+    "RunLock",
+    "Table",
+    "default_run_name",
+    "load_runs",
+    "read_step_checkpoint",
+    "read_table",
+    "run_folders",
+    "close_log_file",
+    "setup_logging",
+    "write_table",
+]
 
 LOGGER_NAME = "cisslib"
 
@@ -114,10 +136,23 @@ class RunDir:
     def reference_prototypes(self) -> Path:
         return self.checkpoints / "reference_prototypes.pt"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
     def table(self, name: str) -> Path:
         if name == "losses":
             return self.root / "losses.csv"
         return self.root / "metrics" / f"{name}.csv"
+
+    def holds_results(self) -> bool:
+        """True when the folder holds anything a new run would lose: a step checkpoint, a
+        resume point or a table."""
+        return bool(
+            self.completed_steps()
+            or self.last_checkpoint.is_file()
+            or any(self.table(name).is_file() for name in TABLES)
+        )
 
     def completed_steps(self) -> list[int]:
         """Steps whose final checkpoint exists, in order."""
@@ -168,6 +203,15 @@ class Table:
         """Read back existing rows, keeping those for which ``keep(row)`` is true (resume)."""
         self.rows = [r for r in read_table(self.path) if keep(r)]
 
+    def step_rows(self, step: int) -> list[dict]:
+        return [r for r in self.rows if int(r["step"]) == step]
+
+    def replace_step(self, step: int, rows: Iterable[dict]) -> None:
+        """Put ``rows`` in place of the rows of ``step``, keeping the rows in step order."""
+        kept = [r for r in self.rows if int(r["step"]) != step]
+        merged = kept + list(rows)
+        self.rows = sorted(merged, key=lambda r: int(r["step"]))  # stable: order within a step
+
     def extend(self, rows: Iterable[dict], flush: bool = True) -> None:
         self.rows.extend(rows)
         if flush:
@@ -182,17 +226,31 @@ class Table:
 # reading runs back
 
 
+def run_folders(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Run folders from one path, a list of paths, or a JSON list in a string (as papermill's
+    ``-p run_dirs '["a", "b"]'`` passes it)."""
+    if isinstance(run_dirs, str) and run_dirs.lstrip().startswith("["):
+        try:
+            parsed = json.loads(run_dirs)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list) and all(isinstance(d, str) for d in parsed):
+            return [Path(d) for d in parsed]
+    if isinstance(run_dirs, (str, os.PathLike)):
+        return [Path(run_dirs)]
+    return [Path(d) for d in run_dirs]
+
+
 def load_runs(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, pd.DataFrame]:
     """Read and concatenate the tidy CSVs of one or more run folders.
 
     Returns a dict with keys ``summary``, ``per_class``, ``zero_shot``, ``shift``, ``losses``.
-    ``metrics/summary.csv`` must exist in every folder; any other file may be absent (probe
+    ``run_dirs`` may also be a JSON list in a string (papermill ``-p``). ``metrics/summary.csv``
+    must exist in every folder; any other file may be absent (probe
     disabled): its table then holds only the other runs' rows (or none, with the schema columns),
     and ``df.attrs["missing"]`` lists the folders that lack it, so that plots can say so.
     """
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    dirs = [Path(d) for d in run_dirs]
+    dirs = run_folders(run_dirs)
     if not dirs:
         raise ValueError("load_runs: no run folder given; pass at least one run directory")
     parts: dict[str, list[pd.DataFrame]] = {key: [] for key in TABLES}
@@ -247,7 +305,10 @@ def read_step_checkpoint(run_dir: str | os.PathLike, step: int) -> dict:
         raise FileNotFoundError(
             f"{path} does not exist; completed steps in {run.root}: {run.completed_steps()}"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch(path, fix=f"step {step} must be trained again", error=RunFolderError)
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunFolderError(f"{path} is not a cisslib step checkpoint")
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +319,30 @@ def _not_detail(record: logging.LogRecord) -> bool:
     return not getattr(record, "detail", False)
 
 
+class _Pending(logging.Handler):
+    """Holds the records logged before the run folder may be written (replayed into log.txt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _LogFile(logging.FileHandler):
+    """A log file that, when it cannot be written (disk full), says so once and goes quiet."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        err = sys.exc_info()[1]
+        logging.getLogger(LOGGER_NAME).removeHandler(self)
+        print(
+            f"cisslib: warning: cannot write {self.baseFilename} ({err}); the log goes to the "
+            "console only",
+            file=sys.stderr,
+        )
+
+
 def setup_logging(
     log_file: Path | None, to_console: bool = True, console_details: bool = False
 ) -> logging.Logger:
@@ -265,21 +350,31 @@ def setup_logging(
 
     Records logged with ``extra={"detail": True}`` (per-iteration loss lines) go to the file
     only, unless ``console_details``: a papermill or batch log gets one line per step and per
-    evaluation, not thousands.
+    evaluation, not thousands. Without ``log_file`` the records are kept, and a later call with
+    a ``log_file`` writes them into it first (nothing is written before a run is known to start).
     """
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
+    pending: list[logging.LogRecord] = []
     for h in list(logger.handlers):
         if getattr(h, "_cisslib", False):
             logger.removeHandler(h)
             h.close()
+            pending += getattr(h, "records", [])
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh: logging.Handler = _LogFile(log_file)
+        except OSError as e:
+            raise write_error(log_file, e) from None
         fh.setFormatter(fmt)
-        fh._cisslib = True  # type: ignore[attr-defined]
-        logger.addHandler(fh)
+        for record in pending:
+            fh.handle(record)
+    else:
+        fh = _Pending()
+    fh._cisslib = True  # type: ignore[attr-defined]
+    logger.addHandler(fh)
     if to_console:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
@@ -289,3 +384,13 @@ def setup_logging(
         logger.addHandler(sh)
     logger.propagate = False
     return logger
+
+
+def close_log_file() -> None:
+    """Detach and close the run's ``log.txt`` handler (the console handler stays), so that a
+    later run in the same process never writes into this run's log."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler) and getattr(h, "_cisslib", False):
+            logger.removeHandler(h)
+            h.close()

@@ -70,7 +70,8 @@ def test_parse_override_reads_yaml_values():
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(None, ["train.base.iters=3", "scenario.order=[2, 1]"])
+    order = [2, 1, *range(3, 21)]  # a permutation of the toy world's 20 classes
+    cfg = load_config(None, ["train.base.iters=3", f"scenario.order={order}"])
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
 

@@ -78,6 +78,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: key '{key}' has an unsupported type {tp!r}")  # pragma: no cover
 
 
+#: String keys with an ``off`` value that YAML 1.1 reads as the boolean false.
+OFF_WORDS = ("scenario.validate",)
+
+
 def _merge(node: Any, data: dict, prefix: str, where: str) -> None:
     """Merge a nested dict into a dataclass instance in place, checking keys and types."""
     if not isinstance(data, dict):
@@ -90,6 +94,8 @@ def _merge(node: Any, data: dict, prefix: str, where: str) -> None:
             near = ", ".join(sorted(names))
             raise ConfigError(f"{where}: unknown key '{full}' (valid keys here: {near})")
         current = getattr(node, key)
+        if value is False and full in OFF_WORDS:
+            value = "off"  # `validate: off` is YAML false; the documented spelling means "off"
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.", where)
         else:
@@ -139,11 +145,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"params file {path} does not exist; list examples with `ls params/`")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             at = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"{path}{at}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"params file {path} cannot be read ({e}); pass a YAML file"
+            ) from None
+        if data is None:
+            raise ConfigError(
+                f"{path}: the params file is empty (or only comments); it would run the defaults "
+                "(25000 iterations of a random ViT-B/16): write the scenario's keys, e.g. copy "
+                "params/smoke.yaml"
+            )
         _merge(cfg, data, "", str(path))
     preset = cfg.run.preset
     for key, value in parsed:

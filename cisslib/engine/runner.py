@@ -5,7 +5,13 @@ step's final weights (or from CLIP at step 0), trains it for a fixed number of i
 (:mod:`cisslib.engine.trainer`), evaluates it (:mod:`cisslib.engine.evaluator`), writes the
 step's rows to the run folder's tables and saves the step checkpoint. Inside a step a resume point
 is written every ``run.checkpoint_every`` iterations; ``resume=True`` continues from it and ends
-with the same weights and metrics as an uninterrupted run.
+with the same weights and metrics as an uninterrupted run (at the same thread count and
+determinism settings, which the checkpoints record; a resume under others gets a warning).
+
+Building a :class:`Runner` writes nothing: data, CLIP, text and every check that can fail on bad
+input run first; :meth:`Runner.run_steps` then writes the config and the log. A step is complete
+when its checkpoint (which holds the step's rows) and its rows in the tables are both on disk;
+on resume a missing half is restored from the other.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cisslib import build
-from cisslib.config import Config, save_config, to_dict
-from cisslib.constants import CONVENTIONS
+from cisslib.config import Config, ConfigError, save_config, to_dict
+from cisslib.config.validation import validate_model
 from cisslib.data.membership import class_membership
+from cisslib.data.sources import DatasetError
 from cisslib.data.step_dataset import StepDataset
 from cisslib.data.validation import validate_source
 from cisslib.engine.checkpoint import (
@@ -33,7 +40,11 @@ from cisslib.engine.checkpoint import (
     Resumed,
     ResumePoint,
     apply_rng,
+    check_step_checkpoints,
+    forget_stale_resume_point,
+    restore_rows,
     save_step_checkpoint,
+    step_fix,
 )
 from cisslib.engine.cost import StepCost
 from cisslib.engine.data_order import train_loader
@@ -41,10 +52,11 @@ from cisslib.engine.evaluator import EvalResult, EvalSettings, Evaluator
 from cisslib.engine.optim import make_optimizer
 from cisslib.engine.runtime import Runtime, mix_seed, seed_everything
 from cisslib.engine.trainer import StepTrainer
-from cisslib.files import atomic_torch_save
-from cisslib.metrics.continual import class_rows, run_metrics
+from cisslib.files import atomic_torch_save, read_torch
+from cisslib.metrics.continual import CONTINUAL_INPUTS, continual_tables
 from cisslib.model import freeze, frozen_encoder_copy, load_segmenter_weights
-from cisslib.runs import DERIVED_TABLES, TABLES, RunDir, Table, setup_logging
+from cisslib.model.clip import clip_geometry
+from cisslib.runs import DERIVED_TABLES, TABLES, RunDir, RunFolderError, Table, setup_logging
 
 log = logging.getLogger("cisslib")
 
@@ -53,28 +65,39 @@ VALIDATE_SAMPLE = 200
 
 
 class Runner:
-    """Runs the steps of one scenario into one run folder."""
+    """Runs the steps of one scenario into one run folder.
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+    Args:
+        cfg: the validated config.
+        run_dir: the run folder (nothing is written into it before :meth:`run_steps`).
+        resume: continue the run in ``run_dir`` (complete steps are skipped, a resume point is
+            continued, missing table rows are restored from the step checkpoints).
+        where: names the config in error messages (the params file).
+    """
+
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, resume: bool = False, where: str = "config"
+    ):
         self.cfg = cfg
         self.run = RunDir(run_dir)
         self.resume = resume
+        self.started = False
         self.runtime = Runtime.create(cfg.run.device, cfg.run.precision)
         world = self.runtime.dist.world
         if cfg.train.batch_size % world:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+            raise ConfigError(
+                f"{where}: key 'train.batch_size' {cfg.train.batch_size} is not divisible by the "
                 f"{world} processes; pick a multiple"
             )
         main = self.runtime.dist.main
         progress = cfg.run.progress
         self.bar = main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
         if main:
-            setup_logging(self.run.log, to_console=not self.bar)
-            save_config(cfg, self.run.config)
+            setup_logging(None, to_console=not self.bar)  # log.txt once the run starts
         seed_everything(cfg.run.seed)
         self._prepare_data()
         self.clip = build.build_clip(cfg)
+        validate_model(cfg, **clip_geometry(self.clip.model), where=where)
         self.text = build.build_text(cfg, self.clip, self.train_source.class_names, self.scenario)
         self.train_transform, test_transform = build.build_transforms(cfg)
         self.criterion = build.build_criterion(cfg)
@@ -99,10 +122,18 @@ class Runner:
         )  # fmt: skip
         self.resume_point = ResumePoint(self.run.last_checkpoint, enabled=main)
         self._ref_protos: torch.Tensor | None = None
-        self._ref_protos_on_disk = resume and self.run.reference_prototypes.is_file()
+        path = self.run.reference_prototypes
+        if resume and path.is_file():  # decided at start-up, identically on every rank
+            fix = "delete it (it is recomputed from the original CLIP) and --resume"
+            self._ref_protos = read_torch(path, fix=fix, error=RunFolderError)
+            if not isinstance(self._ref_protos, torch.Tensor):
+                raise RunFolderError(f"{path} holds no prototype tensor; {fix}")
         self.tables = {
             name: Table(self.run.table(name), cols, enabled=main) for name, cols in TABLES.items()
         }
+        if cfg.model.init_weights and not self.run.step_checkpoint(0).is_file():
+            with torch.random.fork_rng(devices=[]):  # the run's random draws stay as they were
+                load_segmenter_weights(self._new_model(), cfg.model.init_weights)
 
     def _prepare_data(self) -> None:
         """Sources, scenario, class names, data checks and the class-membership matrix."""
@@ -110,6 +141,12 @@ class Runner:
         self.train_source, self.val_source = build.build_sources(cfg)
         self.scenario = build.build_scenario(cfg, len(self.train_source.class_names))
         self.class_names = self.scenario.label_names(self.train_source.class_names)
+        for source in (self.train_source, self.val_source):
+            if len(source) == 0:
+                raise DatasetError(
+                    f"{source.name}/{source.split} has no items; check the data root and split "
+                    "lists"
+                )
         mode = cfg.scenario.validate
         if mode != "off" and cfg.scenario.dataset != "toy":
             for source in (self.train_source, self.val_source):
@@ -122,18 +159,46 @@ class Runner:
         self.membership = class_membership(
             self.train_source, num_workers=max(1, cfg.run.num_workers), progress=self.bar
         )
+        for t in range(self.scenario.n_steps):
+            if not len(self.scenario.train_indices(self.membership, t)):
+                names = [
+                    self.train_source.class_names[c - 1] for c in self.scenario.step_classes(t)
+                ]
+                raise DatasetError(
+                    f"step {t}: no training image of {self.train_source.name}/train holds its "
+                    f"classes {names} ({cfg.scenario.mode} mode); check the data root, the "
+                    "split list and scenario.setting"
+                )
 
     # ---------------------------------------------------------------- the run
 
-    def run_steps(self, first: int | None = None, last: int | None = None) -> None:
-        """Train and evaluate steps ``first..last`` (default: all; with resume, what is left)."""
+    def check(self, first: int | None = None, last: int | None = None) -> tuple[int, int]:
+        """Check what steps ``first..last`` need from the run folder, writing nothing: the step
+        range, the checkpoint the first step to train starts from, the resume point and (on
+        resume) the complete steps' checkpoints. Returns ``(first, last)``."""
         n = self.scenario.n_steps
         first = 0 if first is None else first
         last = n - 1 if last is None else last
         if not 0 <= first <= last < n:
-            raise ValueError(
-                f"steps {first}-{last} out of range: this scenario has steps 0..{n - 1}"
-            )
+            raise ConfigError(f"--steps {first}-{last}: this scenario has steps 0..{n - 1}")
+        done = set(self.run.completed_steps()) if self.resume else set()
+        check_step_checkpoints(self.run, done, [t for t in range(first, last + 1) if t not in done])
+        if self.resume:
+            self.resume_point.peek()
+        return first, last
+
+    def _start(self) -> None:
+        """The run starts: the config and the log (with what was logged so far) are written."""
+        if self.runtime.dist.main:
+            setup_logging(self.run.log, to_console=not self.bar)
+            save_config(self.cfg, self.run.config)
+        self.started = True
+
+    def run_steps(self, first: int | None = None, last: int | None = None) -> None:
+        """Train and evaluate steps ``first..last`` (default: all; with resume, what is left)."""
+        first, last = self.check(first, last)
+        n = self.scenario.n_steps
+        self._start()
         done = set(self.run.completed_steps()) if self.resume else set()
         if self.resume:
             keep = lambda r: int(r["step"]) in done  # noqa: E731
@@ -144,6 +209,9 @@ class Runner:
                 continue  # recomputed after every step
             # the loss history of an interrupted step is trimmed in _train, at its resume point
             table.load(keep=(lambda r: True) if name == "losses" and self.resume else keep)
+        if self.resume:
+            done = restore_rows(self.run, self.tables, done)
+            forget_stale_resume_point(self.resume_point, self.run, done)
         rt = self.runtime
         log.info(
             "run %s: %s %s %s, preset %s, %d steps, device %s, precision %s, %d process(es)",
@@ -155,6 +223,10 @@ class Runner:
                 log.info("step %d: already complete, skipped (resume)", step)
                 continue
             self.run_step(step)
+        if self.resume and self.runtime.dist.main:  # rows may have been restored: re-derive
+            self._derive_continual()
+            for name in DERIVED_TABLES:
+                self.tables[name].flush()
 
     def run_step(self, step: int) -> None:
         """Prepare, train, evaluate, write and save step ``step``."""
@@ -251,11 +323,13 @@ class Runner:
     def _load_step_weights(self, model: nn.Module, step: int) -> None:
         path = self.run.step_checkpoint(step)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise RunFolderError(
                 f"{path} is missing: step {step + 1} starts from step {step}'s weights; run step "
                 f"{step} first (or all steps) into this run folder"
             )
-        state = torch.load(path, map_location=self.runtime.device, weights_only=False)
+        state = read_torch(
+            path, fix=step_fix(step), error=RunFolderError, map_location=self.runtime.device
+        )
         use_best = self.cfg.train.select_best_on_val and "best_model" in state
         model.load_state_dict(state["best_model" if use_best else "model"])
 
@@ -331,15 +405,11 @@ class Runner:
 
     def _reference_prototypes(self) -> torch.Tensor:
         """Class prototypes under the ORIGINAL CLIP (computed once per run, then read back)."""
-        if self._ref_protos is not None:
+        if self._ref_protos is not None:  # read back at start-up on resume
             return self._ref_protos
-        path = self.run.reference_prototypes
-        if self._ref_protos_on_disk:  # decided at start-up, identically on every rank
-            self._ref_protos = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            self._ref_protos = self.evaluator.prototypes(freeze(self._new_model().encoder))
-            if self.runtime.dist.main:
-                atomic_torch_save(self._ref_protos, path)
+        self._ref_protos = self.evaluator.prototypes(freeze(self._new_model().encoder))
+        if self.runtime.dist.main:
+            atomic_torch_save(self._ref_protos, self.run.reference_prototypes)
         return self._ref_protos
 
     def _finish_step(self, step: int, model: nn.Module, best: BestState, cost: StepCost) -> None:
@@ -359,11 +429,17 @@ class Runner:
         self.tables["cost"].extend([{**self.meta, **cost.row(step)}], flush=False)
         self._derive_continual()
         if self.runtime.dist.main:
+            # the checkpoint first, holding the step's rows: a run cut before the tables are
+            # flushed gets them back on resume (_restore_rows)
             save_step_checkpoint(
                 self.run.step_checkpoint(step), step=step, model=model,
                 config=to_dict(self.cfg), text=self.text, class_names=self.class_names,
                 num_seen=self.scenario.num_seen(step), pos_embed_grid=model.encoder.pos_grid,
-                summary=result.summary,
+                rows={
+                    name: table.step_rows(step)
+                    for name, table in self.tables.items()
+                    if name not in DERIVED_TABLES
+                },
                 best=best if self.cfg.train.select_best_on_val else None,
             )  # fmt: skip
             for table in self.tables.values():
@@ -373,23 +449,9 @@ class Runner:
 
     def _derive_continual(self) -> None:
         """Rewrite the continual-learning tables from the run's summary and per-class rows."""
-        frames = {
-            name: pd.DataFrame(self.tables[name].rows, columns=list(TABLES[name]))
-            for name in ("summary", "per_class", "zero_shot")
-        }
-        for name in ("summary", "per_class", "zero_shot"):
-            frame = frames[name]
-            for col in ("step", "class_index", "step_added"):
-                if col in frame:
-                    frame[col] = pd.to_numeric(frame[col])
-            for col in ("mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new", "iou"):
-                if col in frame:
-                    frame[col] = pd.to_numeric(frame[col], errors="coerce")
         meta = {k: self.meta[k] for k in ("run", "preset", "seed")}
-        per_run = run_metrics(frames["summary"], frames["per_class"], frames["zero_shot"])
+        per_run, per_class = continual_tables(
+            *(pd.DataFrame(self.tables[n].rows, columns=list(TABLES[n])) for n in CONTINUAL_INPUTS)
+        )
         self.tables["continual"].rows = [{**meta, **r} for r in per_run]
-        per_class = []
-        for conv in CONVENTIONS:
-            rows = class_rows(frames["per_class"], frames["zero_shot"], conv)
-            per_class += [{**meta, **r} for r in rows]
-        self.tables["continual_per_class"].rows = per_class
+        self.tables["continual_per_class"].rows = [{**meta, **r} for r in per_class]

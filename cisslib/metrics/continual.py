@@ -32,6 +32,9 @@ import pandas as pd
 
 from cisslib.constants import CONVENTIONS
 
+#: the run-folder tables the metrics are computed from
+CONTINUAL_INPUTS = ("summary", "per_class", "zero_shot")
+
 RUN_METRICS = (
     "avg_incremental_mIoU",
     "final_old",
@@ -171,3 +174,20 @@ def joint_split(per_class: pd.DataFrame, base: int) -> list[dict]:
         for metric, value in (("final_old", old), ("final_new", new), ("hIoU", harmonic(old, new))):
             out.append({"convention": conv, "metric": metric, "value": value})
     return out
+
+
+def continual_tables(
+    summary: pd.DataFrame, per_class: pd.DataFrame, zero_shot: pd.DataFrame
+) -> tuple[list[dict], list[dict]]:
+    """``(run rows, per-class rows)`` of one run from its tables (read from CSV or in memory:
+    numbers given as strings are converted; empty cells are NaN)."""
+    for frame in (summary, per_class, zero_shot):
+        for col in ("step", "class_index", "step_added"):
+            if col in frame:
+                frame[col] = pd.to_numeric(frame[col])
+        for col in ("mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new", "iou"):
+            if col in frame:
+                frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    per_run = run_metrics(summary, per_class, zero_shot)
+    classes = [r for conv in CONVENTIONS for r in class_rows(per_class, zero_shot, conv)]
+    return per_run, classes

@@ -16,8 +16,10 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from cisslib.config.tree import ConfigError
 from cisslib.constants import CLIP_FILE_FORMAT
 from cisslib.files import atomic_torch_save
+from cisslib.model.weights import WeightsError
 
 OPENAI_VIT_B16_URL = (
     "https://openaipublic.azureedge.net/clip/models/"
@@ -115,18 +117,35 @@ def _arch_from_cfg(cfg: dict) -> dict[str, int]:
     }
 
 
+_CLIP_FIX = (
+    "give model.clip.pretrained OpenAI's ViT-B-16.pt, an open_clip checkpoint or a file written "
+    "by cisslib.model.save_clip"
+)
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict (OpenAI key names) and, for cisslib-clip files, the stored ``model_cfg``."""
+    """State dict (OpenAI key names) and, for cisslib-clip files, the stored ``model_cfg``.
+
+    A file that is no CLIP checkpoint (truncated, text, another pickle) raises one
+    :class:`WeightsError` line naming it.
+    """
     try:  # OpenAI's release is a TorchScript archive (SPEC 1.1).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             archive = torch.jit.load(str(path), map_location="cpu")
         return dict(archive.state_dict().items()), None
-    except RuntimeError:
+    except Exception:  # not TorchScript: a pickled state dict (or not a checkpoint at all)
         pass
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise WeightsError(
+            f"{path}: truncated or not a torch checkpoint ({type(e).__name__}); {_CLIP_FIX}"
+        ) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a CLIP state dict or archive, got {type(obj).__name__}")
+        raise WeightsError(
+            f"{path}: holds a {type(obj).__name__}, not a CLIP state dict; {_CLIP_FIX}"
+        )
     if obj.get("format") == CLIP_FILE_FORMAT:
         return dict(obj["state_dict"]), dict(obj["model_cfg"])
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # open_clip training checkpoint
@@ -134,10 +153,14 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     sd = {}
     for k, v in obj.items():
         sd[k[len("module.") :] if k.startswith("module.") else k] = v
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: holds no state dict of tensors; {_CLIP_FIX}")
     return sd, None
 
 
-def _missing_file_error(path: Path) -> FileNotFoundError:
+def _missing_file_error(path: Path) -> Exception:
+    if path.is_dir():
+        return WeightsError(f"model.clip.pretrained {path} is a folder; {_CLIP_FIX}")
     return FileNotFoundError(
         f"CLIP checkpoint not found: {path}. Get OpenAI's ViT-B-16.pt from {OPENAI_VIT_B16_URL} "
         '(or run open_clip.create_model("ViT-B-16", pretrained="openai") on a machine with '
@@ -189,17 +212,24 @@ def load_clip(
             sd, stored_cfg = _read_checkpoint(p)
         else:  # an open_clip pretrained tag: the normal open_clip download path.
             if model_cfg is not None:
-                raise ValueError(
-                    f"load_clip: pretrained tag {pretrained!r} uses open_clip's config for "
-                    f"{name!r}; drop model_cfg or pass a checkpoint file"
+                raise ConfigError(
+                    f"model.clip.pretrained tag {pretrained!r} uses open_clip's config for "
+                    f"{name!r}; drop model.clip.model_cfg or pass a checkpoint file"
                 )
             known = open_clip.list_pretrained_tags_by_model(name)
             if str(pretrained) not in known:
-                raise ValueError(
-                    f"load_clip: {pretrained!r} is neither an existing file nor an open_clip tag "
-                    f"of {name!r} (tags: {', '.join(known) or 'none'})"
+                raise ConfigError(
+                    f"model.clip.pretrained {pretrained!r} is neither an existing file nor an "
+                    f"open_clip tag of {name!r} (tags: {', '.join(known) or 'none'})"
                 )
-            model = open_clip.create_model(name, pretrained=str(pretrained), device=device)
+            try:
+                model = open_clip.create_model(name, pretrained=str(pretrained), device=device)
+            except Exception as e:  # the download (no network) or the cache
+                raise WeightsError(
+                    f"model.clip.pretrained {pretrained!r}: open_clip could not load it "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); without "
+                    "network, pass a local checkpoint file"
+                ) from None
             cfg = open_clip.get_model_config(name) or {}
             return model.float().eval(), _tokenizer_for(name, cfg)
 
@@ -210,8 +240,9 @@ def load_clip(
     else:
         base = open_clip.get_model_config(name)
         if base is None:
-            raise ValueError(
-                f"load_clip: unknown open_clip model {name!r}; pass model_cfg= for a custom size"
+            raise ConfigError(
+                f"model.clip.name {name!r} is not an open_clip model (e.g. ViT-B-16); give "
+                "model.clip.model_cfg for a custom size"
             )
         cfg = dict(base)
         cfg.setdefault("quick_gelu", True)  # the authors' CLIP blocks use QuickGELU (SPEC 1.1)
@@ -220,13 +251,20 @@ def load_clip(
     }
     cfg.setdefault("quick_gelu", True)
 
-    model = CLIP(**copy.deepcopy(cfg))
+    try:
+        model = CLIP(**copy.deepcopy(cfg))
+    except Exception as e:  # missing or inconsistent sizes
+        raise ConfigError(
+            f"model.clip.model_cfg {model_cfg if model_cfg is not None else cfg} does not build a "
+            f"CLIP ({type(e).__name__}: {e}); give embed_dim, vision_cfg and text_cfg as in "
+            "params/smoke.yaml"
+        ) from None
     if sd is not None:
         assert path is not None
         try:
             got = _arch_from_state_dict(sd)
         except KeyError as err:
-            raise ValueError(
+            raise WeightsError(
                 f"{path}: not a ViT CLIP checkpoint (missing key {err}); expected OpenAI key names "
                 "such as visual.conv1.weight"
             ) from None
@@ -236,7 +274,7 @@ def load_clip(
                 have = _describe_vit(got["width"], got["layers"], got["patch"])
                 expect = _describe_vit(want["width"], want["layers"], want["patch"])
                 source = name if model_cfg is None else "model_cfg"
-                raise ValueError(
+                raise WeightsError(
                     f"{path}: checkpoint is {have} with embed_dim {got['embed_dim']}, config "
                     f"{source} expects {expect} with embed_dim {want['embed_dim']} ({key} "
                     "differs); pass the matching name/model_cfg"
@@ -246,9 +284,16 @@ def load_clip(
         open_clip.model.resize_pos_embed(sd, model)  # only if the config's image size differs
         if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
             sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # tensors of other shapes
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise WeightsError(
+                f"{path}: tensors of other shapes than the CLIP config ({first}); pass the "
+                "matching model.clip.name / model_cfg"
+            ) from None
         if missing or unexpected:
-            raise ValueError(
+            raise WeightsError(
                 f"{path}: state dict does not fit the CLIP config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
@@ -266,6 +311,17 @@ def save_clip(model: CLIP, model_cfg: dict, path: str | os.PathLike) -> None:
         {"format": CLIP_FILE_FORMAT, "model_cfg": copy.deepcopy(model_cfg), "state_dict": sd},
         path,
     )
+
+
+def clip_geometry(model: nn.Module) -> dict[str, int]:
+    """``layers`` (image-tower blocks), ``patch`` (pixels per token side) and ``embed_dim`` (the
+    joint space) of an open_clip CLIP, what the segmenter keys are checked against."""
+    visual = model.visual
+    return {
+        "layers": len(visual.transformer.resblocks),
+        "patch": int(visual.conv1.kernel_size[0]),
+        "embed_dim": int(visual.output_dim),
+    }
 
 
 def weights_fingerprint(model: nn.Module) -> str:

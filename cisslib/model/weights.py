@@ -96,13 +96,16 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     ``backbone.``/``decode_head.`` keys, a ``module.`` prefix from DDP removed).
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder; give a step{{t}}.pt or model_best.pth file")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found; give a step{{t}}.pt or model_best.pth")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or non-torch file
         raise WeightsError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__})"
+            f"{path}: not a readable torch checkpoint (truncated or another format: "
+            f"{type(e).__name__}); give a step{{t}}.pt or model_best.pth"
         ) from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
