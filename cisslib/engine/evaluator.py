@@ -83,10 +83,17 @@ class Evaluator:
         self.runtime = runtime
         self.meta = meta
         self.step_of_label = scenario.step_of_label()
+        self._loader: DataLoader | None = None
 
     # ---------------------------------------------------------------- data
 
     def loader(self) -> DataLoader:
+        """The val loader (built once: its workers persist between passes)."""
+        if self._loader is None:
+            self._loader = self._new_loader()
+        return self._loader
+
+    def _new_loader(self) -> DataLoader:
         n = len(self.val_source)
         if self.settings.max_images:
             n = min(n, self.settings.max_images)
@@ -95,16 +102,19 @@ class Evaluator:
         dataset = StepDataset(
             self.val_source, rank_indices(n, d.rank, d.world), IDENTITY_LUT, self.transform
         )
-        return val_loader(dataset, self.settings.num_workers)
+        pin = self.runtime.device.type == "cuda"
+        return val_loader(dataset, self.settings.num_workers, pin_memory=pin)
 
     def _lut(self, step: int) -> torch.Tensor:
         return torch.as_tensor(self.scenario.test_lut(step).astype(np.int64))
 
     def _scores(self, model: nn.Module, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``(1, C, H, W)`` float32 scores, left on the device: the confusion matrices are
+        counted there (a CUDA score map of 150 classes is ~200 MB to copy per image)."""
         s = self.settings
         with self.runtime.autocast():
             scores = model.sliding_scores(image, text, window=s.window, stride=s.stride)
-        return scores.float().cpu()
+        return scores.float()
 
     # ---------------------------------------------------------------- metrics
 
@@ -156,10 +166,10 @@ class Evaluator:
         every = SegMetrics(k, tau=s.tau, count_pred_only=s.count_pred_only)
         do_probe = probe and c_t < k
         for image, raw in self.loader():
-            image = image.to(device)
-            seen.update(self._scores(model, image, text_t), lut_t[raw])
+            image = image.to(device, non_blocking=True)
+            seen.update(self._scores(model, image, text_t), lut_t[raw].to(device))
             if do_probe:
-                every.update(self._scores(model, image, text_all), lut_all[raw])
+                every.update(self._scores(model, image, text_all), lut_all[raw].to(device))
         seen.all_reduce_()
         summary, per_class = seen.summary(step, self.step_of_label, self.class_names[:c_t])
         result = EvalResult(
