@@ -53,6 +53,30 @@ def _resize(
     return img, label
 
 
+def _nearest_index(n_in: int, n_out: int, start: int, count: int) -> torch.Tensor:
+    """Source rows of output rows ``start..start+count-1`` of PyTorch's ``nearest`` resize
+    ``n_in -> n_out`` (ATen ``nearest_idx``: ``min(floor(i * float(n_in / n_out)), n_in - 1)``
+    in float32)."""
+    dst = torch.arange(start, start + count)
+    if n_out == n_in:
+        return dst
+    if n_out == 2 * n_in:
+        return dst >> 1
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    return (dst.to(torch.float32) * scale).floor().long().clamp_(max=n_in - 1)
+
+
+def nearest_crop(
+    label: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """``F.resize(label, size, NEAREST)[top : top + ch, left : left + cw]`` without resizing the
+    whole map: ``box = (top, left, ch, cw)``; ``label (H, W)``, any dtype."""
+    top, left, ch, cw = box
+    rows = _nearest_index(label.shape[0], size[0], top, ch)
+    cols = _nearest_index(label.shape[1], size[1], left, cw)
+    return label[rows[:, None], cols[None, :]]
+
+
 def _check_pair(image: torch.Tensor, label: torch.Tensor) -> None:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image has shape {tuple(image.shape)}; expected (3, H, W)")
@@ -185,12 +209,13 @@ class ColorAugSSD:
             x = cv2.LUT(x, lut)
         if _coin():  # saturation
             hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-            hsv[..., 1] = _lut(alpha=_uniform(*self.saturation_range))[hsv[..., 1]]
+            hsv = cv2.LUT(hsv, _channel_lut(1, _lut(alpha=_uniform(*self.saturation_range))))
             x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if _coin():  # hue
             delta = int(torch.randint(-self.hue_delta, self.hue_delta + 1, ()).item())
             hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-            hsv[..., 0] = ((identity.astype(np.int64) + delta) % 180).astype(np.uint8)[hsv[..., 0]]
+            hue = ((identity.astype(np.int64) + delta) % 180).astype(np.uint8)
+            hsv = cv2.LUT(hsv, _channel_lut(0, hue))
             x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first and _coin():  # contrast last
             x = cv2.LUT(x, _lut(alpha=_uniform(*self.contrast_range)))
@@ -201,6 +226,13 @@ def _lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     """``(256,)`` uint8 table of detectron2's ``convert``: ``uint8(clip(v * alpha + beta))``."""
     v = np.arange(256, dtype=np.float32) * alpha + beta
     return np.clip(v, 0, 255).astype(np.uint8)
+
+
+def _channel_lut(channel: int, table: np.ndarray) -> np.ndarray:
+    """A ``(256, 1, 3)`` ``cv2.LUT`` table: ``table`` on ``channel``, identity on the others."""
+    lut = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+    lut[:, 0, channel] = table
+    return lut
 
 
 def _cv2():
@@ -275,23 +307,26 @@ class TrainTransform:
             image = image.float()
         short = self.short_sides[int(torch.randint(len(self.short_sides), ()).item())]
         size = shortest_edge_size(image.shape[1], image.shape[2], short, self.max_long)
-        image, label = _resize(image, label, size)
         h, w = size
         ch, cw = min(h, self.crop), min(w, self.crop)
-        top = int(torch.randint(h - ch + 1, ()).item())
-        left = int(torch.randint(w - cw + 1, ()).item())
+        if self.dtype == "uint8":  # the label's crop straight from the source pixels
+            image, _ = _resize(image, None, size)
+            top = int(torch.randint(h - ch + 1, ()).item())
+            left = int(torch.randint(w - cw + 1, ()).item())
+            label = nearest_crop(label, size, (top, left, ch, cw))
+        else:
+            image, label = _resize(image, label, size)
+            top = int(torch.randint(h - ch + 1, ()).item())
+            left = int(torch.randint(w - cw + 1, ()).item())
+            label = label[top : top + ch, left : left + cw]
         image = image[:, top : top + ch, left : left + cw]
-        label = label[top : top + ch, left : left + cw]
+        if self.dtype == "uint8":
+            return self._finish_uint8(image, label)
         if self.color is not None:
-            if self.dtype == "uint8":
-                hwc = self.color.uint8(image.permute(1, 2, 0).numpy())
-                image = torch.from_numpy(hwc).permute(2, 0, 1)
-            else:
-                image = self.color(image)
+            image = self.color(image)
         if self.hflip and _coin():
             image = image.flip(-1)
             label = label.flip(-1)
-        image = image.float()
         pad = [0, 0, self.crop - cw, self.crop - ch]  # left, top, right, bottom
         if pad[2] or pad[3]:
             image = F.pad(tv_tensors.Image(image), pad, fill=self.pad_value)
@@ -299,6 +334,24 @@ class TrainTransform:
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(
             torch.Tensor
         ).contiguous()
+
+    def _finish_uint8(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jitter, flip and pad of a ``(3, ch, cw)`` uint8 crop, written once into the float
+        output (the same draws and results as the float32 steps would give on that crop)."""
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        if self.color is not None:
+            hwc = self.color.uint8(hwc)
+        if self.hflip and _coin():
+            hwc = hwc[:, ::-1]
+            label = label.flip(-1)
+        ch, cw = label.shape
+        out = torch.full((3, self.crop, self.crop), self.pad_value, dtype=torch.float32)
+        out[:, :ch, :cw] = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+        lab = torch.full((self.crop, self.crop), self.ignore_index, dtype=torch.int64)
+        lab[:ch, :cw] = label
+        return out, lab
 
 
 class TestTransform:
