@@ -39,6 +39,36 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall seconds of each function, timed in turns (A B A B ...) so that a change of
+    machine load hits every side alike; ``warmup`` untimed turns first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, repeats)):
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that the resident
+    set measures what is in use now and a later peak shows."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -57,6 +87,7 @@ class PeakRSS:
             time.sleep(0.001)
 
     def __enter__(self) -> PeakRSS:
+        release_freed_memory()
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -90,7 +121,9 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -127,7 +160,12 @@ class Report:
 
     def add(self, measure: str, value: str, goal: str = "", note: str = "") -> None:
         self.rows.append(Row(measure, value, goal, note))
-        print(f"  {measure}: {value}" + (f"  (goal {goal})" if goal else "") + (f"  [{note}]" if note else ""), flush=True)  # noqa: E501
+        print(
+            f"  {measure}: {value}"
+            + (f"  (goal {goal})" if goal else "")
+            + (f"  [{note}]" if note else ""),
+            flush=True,
+        )
 
     def header(self) -> str:
         when = self.started.strftime("%Y-%m-%d %H:%M")
@@ -137,9 +175,15 @@ class Report:
         )
 
     def markdown(self) -> str:
-        lines = [self.header(), "", f"`{self.command}`, {torch.get_num_threads()} intra-op "
-                 f"thread(s) at the end, load average at start {os.getloadavg()[0]:.1f}.", "",
-                 "| measure | value | goal | how |", "|---|---|---|---|"]  # fmt: skip
+        lines = [
+            self.header(),
+            "",
+            f"`{self.command}`, {torch.get_num_threads()} intra-op "
+            f"thread(s) at the end, load average at start {os.getloadavg()[0]:.1f}.",
+            "",
+            "| measure | value | goal | how |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {r.measure} | {r.value} | {r.goal} | {r.note} |" for r in self.rows]
         return "\n".join(lines) + "\n"
 

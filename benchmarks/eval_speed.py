@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cisslib.model.segmenter import _window_starts
-
-from benchmarks.common import timed
+from benchmarks.common import interleaved
 from benchmarks.models import build
+from cisslib.model.segmenter import _window_starts
 
 
 def windows(h: int, w: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -21,7 +20,11 @@ def windows(h: int, w: int, window: int, stride: int) -> list[tuple[int, int, in
 
 
 def measure(
-    arch: str, device: torch.device, precision: str, repeats: int, size: tuple[int, int] | None,
+    arch: str,
+    device: torch.device,
+    precision: str,
+    repeats: int,
+    size: tuple[int, int] | None,
     classes: int = 20,
 ) -> dict:
     """Images/s of sliding-window scores and of the encoder over the same windows, and the
@@ -48,17 +51,20 @@ def measure(
                 model.encoder(image[:, :, y:y2, x:x2])
 
     out = {"size": (h, w), "windows": len(crops)}
-    t_slide = timed(sliding, device, repeats)
-    t_enc = timed(encoder_only, device, repeats)
-    out.update(sliding_ips=1 / t_slide, encoder_ips=1 / t_enc, ratio=t_enc / t_slide)
+    t = interleaved({"slide": sliding, "enc": encoder_only}, device, repeats)
+    out.update(sliding_ips=1 / t["slide"], encoder_ips=1 / t["enc"], ratio=t["enc"] / t["slide"])
     square = image[:, :, :crop, :crop].contiguous()
-    for kind in ("fast_path", "plain"):
-        model.encoder.attention = kind
 
-        def enc_once():
+    def enc_with(kind: str):
+        def once():
+            model.encoder.attention = kind
             with torch.no_grad(), amp:
                 model.encoder(square)
 
-        out[f"encoder_{kind}_s"] = timed(enc_once, device, repeats)
+        return once
+
+    kinds = ("fast_path", "plain")
+    t = interleaved({k: enc_with(k) for k in kinds}, device, max(3, repeats))
+    out.update({f"encoder_{k}_s": t[k] for k in kinds})
     model.encoder.attention = "auto"
     return out

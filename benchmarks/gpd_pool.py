@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cisslib.losses.distillation import class_prototypes
-
 from benchmarks.common import peak_memory_mib, timed
+from cisslib.losses.distillation import class_prototypes
 
 
 def _naive(dense: torch.Tensor, masks) -> torch.Tensor:
@@ -22,8 +21,15 @@ def _naive(dense: torch.Tensor, masks) -> torch.Tensor:
     return torch.cat(means)
 
 
-def measure(device: torch.device, batch: int = 2, dim: int = 512, grid: int = 32,
-            crop: int = 512, masks_per_image: int = 4, repeats: int = 3) -> dict:  # fmt: skip
+def measure(
+    device: torch.device,
+    batch: int = 2,
+    dim: int = 512,
+    grid: int = 32,
+    crop: int = 512,
+    masks_per_image: int = 4,
+    repeats: int = 3,
+) -> dict:
     """Seconds and peak memory of both ways; the largest difference of the means."""
     g = torch.Generator().manual_seed(3)
     dense = F.normalize(torch.randn(batch, dim, grid, grid, generator=g), dim=1).to(device)

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import eval_speed, loader, train_step
+from benchmarks.common import Report, peak_memory_mib, timed
 from cisslib import build
 from cisslib.config import load_config
 from cisslib.protocol import parse_setting
-
-from benchmarks import eval_speed, loader, train_step
-from benchmarks.common import Report, peak_memory_mib, sync, timed
 
 REPO = Path(__file__).resolve().parent.parent
 VAL_IMAGES = {"ade_100-5": 2000, "voc_15-1": 1449}  # ADEChallengeData2016 val, VOC 2012 val
@@ -47,13 +46,35 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, float]:
 
 def gpu_tests(rep: Report, results: dict, timeout: float, dry: bool) -> None:
     where = ["tests/test_speed.py"] if dry else []  # --dry: collect one file, not the suite
-    code, text, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p",
-                             "no:cacheprovider", *where], timeout)  # fmt: skip
-    summary = next((ln for ln in reversed(text.splitlines()) if " in " in ln and "=" in ln
-                    or "passed" in ln or "skipped" in ln), text[-200:])  # fmt: skip
+    code, text, secs = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            *where,
+        ],
+        timeout,
+    )
+    summary = next(
+        (
+            ln
+            for ln in reversed(text.splitlines())
+            if " in " in ln and "=" in ln or "passed" in ln or "skipped" in ln
+        ),
+        text[-200:],
+    )
     results["gpu_tests"] = {"returncode": code, "summary": summary.strip("= "), "seconds": secs}
-    rep.add("gpu-marked tests (CUDA, bf16 + fp16 autocast)", summary.strip("= "),
-            note=f"exit {code}, {secs:.0f} s")  # fmt: skip
+    rep.add(
+        "gpu-marked tests (CUDA, bf16 + fp16 autocast)",
+        summary.strip("= "),
+        note=f"exit {code}, {secs:.0f} s",
+    )
     if code not in (0, 5):
         print(text[-3000:])
 
@@ -97,41 +118,66 @@ def train(rep: Report, results: dict, arch: str, batches: list[int], repeats: in
         r["batch"] = batch
         results[f"train_b{batch}"] = r
         for ckpt in (0, 1):
-            rep.add(f"train step batch {batch}, grad_checkpointing={bool(ckpt)}",
-                    f"{r[f'ips_ckpt{ckpt}']:.1f} images/s, peak {r[f'peak_gib_ckpt{ckpt}']:.2f} GiB",
-                    note=f"{arch}, t > 0 (old model, GPD, pseudo-labels, QD), {prec}")  # fmt: skip
+            rep.add(
+                f"train step batch {batch}, grad_checkpointing={bool(ckpt)}",
+                f"{r[f'ips_ckpt{ckpt}']:.1f} images/s, peak {r[f'peak_gib_ckpt{ckpt}']:.2f} GiB",
+                note=f"{arch}, t > 0 (old model, GPD, pseudo-labels, QD), {prec}",
+            )
         rep.add(f"train-step ratio full / floor, batch {batch}", f"{r['ratio']:.2f}", "<= 1.15")
-        rep.add(f"host sync every iteration (before) / at log time (after), batch {batch}",
-                f"{r['s_host_sync'] * 1e3:.1f} ms / {r['s_ckpt0'] * 1e3:.1f} ms per step")  # fmt: skip
+        rep.add(
+            f"host sync every iteration (before) / at log time (after), batch {batch}",
+            f"{r['s_host_sync'] * 1e3:.1f} ms / {r['s_ckpt0'] * 1e3:.1f} ms per step",
+        )
         torch.cuda.empty_cache() if dev.type == "cuda" else None
 
 
-def optimizer_and_compile(rep: Report, results: dict, arch: str, batch: int, repeats: int,
-                          compile: bool) -> None:  # fmt: skip
+def optimizer_and_compile(
+    rep: Report, results: dict, arch: str, batch: int, repeats: int, compile: bool
+) -> None:
     from cisslib.engine.optim import make_optimizer
 
     dev, prec = rep.device, rep.precision
     bench = train_step.make_step(arch, batch, dev, prec)
     bench.full()  # gradients for both optimizers to step on
     fused_s = timed(bench.opt.step, dev, repeats * 3)
-    loop, _ = make_optimizer(bench.trainer.model, lr=1e-5, iters=10**6, warmup_iters=10,
-                             warmup_factor=1e-6, poly_power=0.9, weight_decay=0.01,
-                             head_lr_mult=10.0, fused=False)  # fmt: skip
+    loop, _ = make_optimizer(
+        bench.trainer.model,
+        lr=1e-5,
+        iters=10**6,
+        warmup_iters=10,
+        warmup_factor=1e-6,
+        poly_power=0.9,
+        weight_decay=0.01,
+        head_lr_mult=10.0,
+        fused=False,
+    )
     loop_s = timed(loop.step, dev, repeats * 3)
-    results["adamw"] = {"fused_ms": fused_s * 1e3, "loop_ms": loop_s * 1e3,
-                        "fused": bool(bench.opt.defaults.get("fused"))}  # fmt: skip
-    rep.add("AdamW step: default (fused on CUDA) / per-tensor loop",
-            f"{fused_s * 1e3:.1f} ms / {loop_s * 1e3:.1f} ms", note=f"fused={results['adamw']['fused']}")  # noqa: E501
+    results["adamw"] = {
+        "fused_ms": fused_s * 1e3,
+        "loop_ms": loop_s * 1e3,
+        "fused": bool(bench.opt.defaults.get("fused")),
+    }
+    rep.add(
+        "AdamW step: default (fused on CUDA) / per-tensor loop",
+        f"{fused_s * 1e3:.1f} ms / {loop_s * 1e3:.1f} ms",
+        note=f"fused={results['adamw']['fused']}",
+    )
     if not compile:
         return
     eager = timed(bench.full, dev, repeats, warmup=1)
     t0 = time.perf_counter()
     comp = train_step.make_step(arch, batch, dev, prec, compile=True)
     compiled = timed(comp.full, dev, repeats, warmup=2)
-    results["compile"] = {"eager_s": eager, "compiled_s": compiled,
-                          "compile_s": time.perf_counter() - t0}  # fmt: skip
-    rep.add(f"run.compile false / true, batch {batch}", f"{eager * 1e3:.1f} ms / "
-            f"{compiled * 1e3:.1f} ms per step", note=f"compile + warm-up {results['compile']['compile_s']:.0f} s")  # noqa: E501
+    results["compile"] = {
+        "eager_s": eager,
+        "compiled_s": compiled,
+        "compile_s": time.perf_counter() - t0,
+    }
+    rep.add(
+        f"run.compile false / true, batch {batch}",
+        f"{eager * 1e3:.1f} ms / {compiled * 1e3:.1f} ms per step",
+        note=f"compile + warm-up {results['compile']['compile_s']:.0f} s",
+    )
 
 
 def evaluation(rep: Report, results: dict, arch: str, repeats: int) -> None:
@@ -139,12 +185,19 @@ def evaluation(rep: Report, results: dict, arch: str, repeats: int) -> None:
         r = eval_speed.measure(arch, rep.device, rep.precision, repeats, None, classes=classes)
         results[f"eval_c{classes}"] = r
         h, w = r["size"]
-        rep.add(f"eval images/s, {classes} classes", f"{r['sliding_ips']:.1f} (encoder alone "
-                f"{r['encoder_ips']:.1f}; ratio {r['ratio']:.2f})", ">= 0.9",
-                f"{h}x{w}, {r['windows']} windows, batch 1")  # fmt: skip
+        rep.add(
+            f"eval images/s, {classes} classes",
+            f"{r['sliding_ips']:.1f} (encoder alone "
+            f"{r['encoder_ips']:.1f}; ratio {r['ratio']:.2f})",
+            ">= 0.9",
+            f"{h}x{w}, {r['windows']} windows, batch 1",
+        )
     r = results["eval_c20"]
-    rep.add("encoder batch 1: MHA fast path / plain", f"{r['encoder_fast_path_s'] * 1e3:.2f} ms / "
-            f"{r['encoder_plain_s'] * 1e3:.2f} ms", note=rep.precision)  # fmt: skip
+    rep.add(
+        "encoder batch 1: MHA fast path / plain",
+        f"{r['encoder_fast_path_s'] * 1e3:.2f} ms / {r['encoder_plain_s'] * 1e3:.2f} ms",
+        note=rep.precision,
+    )
 
 
 def ddp(rep: Report, results: dict, timeout: float, dry: bool) -> None:
@@ -154,15 +207,31 @@ def ddp(rep: Report, results: dict, timeout: float, dry: bool) -> None:
         rep.add("DDP smoke (torchrun, 2 GPUs)", f"skipped: {n} GPU visible")
         return
     out = Path(tempfile.mkdtemp(prefix="ddp_smoke_", dir=results["out"])) / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cisslib.cli", "run", "params/smoke.yaml", "--out", str(out),
-           "--set", "run.device=" + ("cpu" if dry else "cuda")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cisslib.cli",
+        "run",
+        "params/smoke.yaml",
+        "--out",
+        str(out),
+        "--set",
+        "run.device=" + ("cpu" if dry else "cuda"),
+    ]
     if dry:  # the same command, two iterations of step 0
         cmd += ["--steps", "0", "--set", "train.base.iters=2", "--set", "eval.max_images=2"]
     code, text, secs = _run(cmd, timeout)
     results["ddp"] = {"returncode": code, "seconds": secs}
-    rep.add("DDP smoke (torchrun, 2 processes, smoke.yaml)", "ok" if code == 0 else f"FAILED ({code})",
-            note=f"{secs:.0f} s" + (" (CPU gloo: --dry)" if dry else ""))  # fmt: skip
+    rep.add(
+        "DDP smoke (torchrun, 2 processes, smoke.yaml)",
+        "ok" if code == 0 else f"FAILED ({code})",
+        note=f"{secs:.0f} s" + (" (CPU gloo: --dry)" if dry else ""),
+    )
     if code:
         print(text[-3000:])
 
@@ -184,16 +253,24 @@ def hours(rep: Report, results: dict, batch: int = 16) -> None:
         classes = 150 if cfg.scenario.dataset == "ade" else 20
         ev = results.get(f"eval_c{classes}", results.get("eval_c20"))
         eval_h = n_steps * VAL_IMAGES[name] / ev["sliding_ips"] / 3600 * 2  # metrics + prototypes
-        results[f"hours_{name}"] = {"train_h": train_h, "eval_h": eval_h, "iters": iters,
-                                    "steps": n_steps}  # fmt: skip
-        rep.add(f"{name.replace('_', ' ').upper()} on this GPU (extrapolated)",
-                f"{train_h + eval_h:.1f} h ({train_h:.1f} train + {eval_h:.1f} eval)",
-                note=f"{iters} iterations x batch {cfg.train.batch_size}, {n_steps} evaluations of "
-                     f"{VAL_IMAGES[name]} images; step time at batch {batch}")  # fmt: skip
+        results[f"hours_{name}"] = {
+            "train_h": train_h,
+            "eval_h": eval_h,
+            "iters": iters,
+            "steps": n_steps,
+        }
+        rep.add(
+            f"{name.replace('_', ' ').upper()} on this GPU (extrapolated)",
+            f"{train_h + eval_h:.1f} h ({train_h:.1f} train + {eval_h:.1f} eval)",
+            note=f"{iters} iterations x batch {cfg.train.batch_size}, {n_steps} evaluations of "
+            f"{VAL_IMAGES[name]} images; step time at batch {batch}",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "gpu_check")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny CLIP, seconds")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -207,10 +284,20 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device visible; use --dry for the CPU rehearsal")
             return 2
-        device, precision, arch, batches, repeats = torch.device("cuda"), args.precision, "vit-b16", [8, 16], 5  # noqa: E501
+        device, precision, arch, batches, repeats = (
+            torch.device("cuda"),
+            args.precision,
+            "vit-b16",
+            [8, 16],
+            5,
+        )
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rep = Report(device=device, precision=precision, command="bash benchmarks/gpu_check.sh" + (" --dry" if args.dry else ""))  # noqa: E501
+    rep = Report(
+        device=device,
+        precision=precision,
+        command="bash benchmarks/gpu_check.sh" + (" --dry" if args.dry else ""),
+    )
     results: dict = {"out": str(args.out), "device": rep.header()}
     print(rep.header(), flush=True)
     gpu_tests(rep, results, timeout=60 if args.dry else 150, dry=args.dry)
@@ -219,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     evaluation(rep, results, arch, repeats)
     with tempfile.TemporaryDirectory() as tmp:  # the CPU side of the GPU box
         loader.make_voc(Path(tmp), 12 if args.dry else 40)
-        r = loader.measure(Path(tmp), 12 if args.dry else 40, crop=64 if args.dry else 512, workers=0)
+        r = loader.measure(
+            Path(tmp), 12 if args.dry else 40, crop=64 if args.dry else 512, workers=0
+        )
     results["loader"] = r
-    rep.add("loader per worker float32 / uint8 (this machine's CPU)",
-            f"{r['worker_float32_ips']:.0f} / {r['worker_uint8_ips']:.0f} images/s "
-            f"(floor {r['floor_ips']:.0f})", ">= 80 (uint8)")  # fmt: skip
+    rep.add(
+        "loader per worker float32 / uint8 (this machine's CPU)",
+        f"{r['worker_float32_ips']:.0f} / {r['worker_uint8_ips']:.0f} images/s "
+        f"(floor {r['floor_ips']:.0f})",
+        ">= 80 (uint8)",
+    )
     ddp(rep, results, timeout=240 if args.dry else 150, dry=args.dry)
     hours(rep, results, batches[-1])
     rep.add("gpu_check wall time", f"{time.perf_counter() - t0:.0f} s", "<= 480 s")

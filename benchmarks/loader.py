@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from cisslib.constants import SHORT_SIDES_512
+from cisslib.data.membership import class_membership
 from cisslib.data.sources import VOCSegmentation, read_image
 from cisslib.data.step_dataset import StepDataset
 from cisslib.data.transforms import ColorAugSSD, TrainTransform, shortest_edge_size
@@ -58,10 +59,13 @@ def measure(root: Path, n: int, crop: int = 512, workers: int = 2, batch: int = 
     """Images/s of one worker (in this process, one thread) per augmentation arithmetic, of the
     floor, of the jitter alone, and of a real ``workers``-process loader (uint8)."""
     src = VOCSegmentation(root, "train")
+    t0 = time.perf_counter()
+    class_membership(src, cache_folder=root / "cache", num_workers=max(1, workers), progress=False)
+    out_scan = len(src) / (time.perf_counter() - t0)
     lut = np.arange(256, dtype=np.uint8)
     lut[21:255] = 255
     idx = np.arange(len(src))
-    out: dict = {}
+    out: dict = {"membership_ips": out_scan}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker's setting
     try:
@@ -90,9 +94,16 @@ def measure(root: Path, n: int, crop: int = 512, workers: int = 2, batch: int = 
         ds = StepDataset(src, idx, lut, TrainTransform(crop=crop, dtype="uint8"))
         batches = max(4, n // batch)
         loader = train_loader(
-            ds, batch_size=batch, seed=0, start=0, total=batches + 1, rank=0, world=1,
-            num_workers=workers, pin_memory=False,
-        )  # fmt: skip
+            ds,
+            batch_size=batch,
+            seed=0,
+            start=0,
+            total=batches + 1,
+            rank=0,
+            world=1,
+            num_workers=workers,
+            pin_memory=False,
+        )
         it = iter(loader)
         next(it)  # worker start-up
         t0 = time.perf_counter()

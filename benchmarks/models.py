@@ -14,14 +14,14 @@ ARCHS: dict[str, tuple] = {
     # the toy CLIP's architecture (patch 4, width 128, 3 blocks) at the demo's 32 px crops
     "toy": (
         "toy-random",
-        tiny_clip_config(
-            embed_dim=64, width=128, layers=3, heads=4, patch_size=4, image_size=32
-        ),
-        32, (0, 1, 2), {"num_heads": 4, "ffn_dim": 256},
+        tiny_clip_config(embed_dim=64, width=128, layers=3, heads=4, patch_size=4, image_size=32),
+        32,
+        (0, 1, 2),
+        {"num_heads": 4, "ffn_dim": 256},
     ),
     # the test suite's tiny CLIP: for --dry runs (seconds)
     "tiny": ("tiny-random", tiny_clip_config(), 32, (0, 1, 2), {"num_heads": 4, "ffn_dim": 128}),
-}  # fmt: skip
+}
 
 
 def build(arch: str, device: torch.device, seed: int = 0, **encoder_kw) -> tuple:

@@ -14,6 +14,7 @@ time: about 8 minutes, off unless named).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
@@ -36,9 +37,15 @@ def _train(rep: Report, arch: str, batch: int, repeats: int) -> None:
     rep.add("train-step ratio full / floor", f"{r['ratio']:.2f}", "<= 1.15")
     kind = "CUDA max_memory_allocated" if rep.device.type == "cuda" else "CPU RSS"
     for ckpt in (0, 1):
-        rep.add(f"train step peak memory, grad_checkpointing={bool(ckpt)}",
-                f"{r[f'peak_mib_ckpt{ckpt}']:.0f} MiB", note=f"{kind} above the model's")  # fmt: skip
-    rep.add("train step with grad_checkpointing", f"{r['ckpt_s']:.3f} s ({r['ckpt_s'] / r['full_s']:.2f}x)")  # noqa: E501
+        rep.add(
+            f"train step peak memory, grad_checkpointing={bool(ckpt)}",
+            f"{r[f'peak_mib_ckpt{ckpt}']:.0f} MiB",
+            note=f"{kind} above the model's",
+        )
+    rep.add(
+        "train step with grad_checkpointing",
+        f"{r['ckpt_s']:.3f} s ({r['ckpt_s'] / r['full_s']:.2f}x)",
+    )
 
 
 def _eval(rep: Report, arch: str, repeats: int) -> None:
@@ -49,8 +56,11 @@ def _eval(rep: Report, arch: str, repeats: int) -> None:
     rep.add("eval encoder alone, same windows", f"{r['encoder_ips']:.3f} images/s")
     rep.add("eval ratio sliding / encoder", f"{r['ratio']:.2f}", ">= 0.9")
     fast, plain = r["encoder_fast_path_s"], r["encoder_plain_s"]
-    rep.add("encoder batch 1, MHA fast path / plain kernel", f"{fast:.3f} s / {plain:.3f} s "
-            f"(plain {fast / plain:.2f}x faster)", note="no grad; model.attention")  # fmt: skip
+    rep.add(
+        "encoder batch 1, MHA fast path / plain kernel",
+        f"{fast:.3f} s / {plain:.3f} s (plain {fast / plain:.2f}x faster)",
+        note="no grad; model.attention",
+    )
 
 
 def _loader(rep: Report, n: int, crop: int, workers: int) -> None:
@@ -60,23 +70,37 @@ def _loader(rep: Report, n: int, crop: int, workers: int) -> None:
     note = f"{n} generated 500x375 JPEGs, {crop} crops, authors' augmentation, 1 thread"
     for dtype in ("float32", "uint8"):
         ips = r[f"worker_{dtype}_ips"]
-        rep.add(f"loader per worker, augment_dtype={dtype}", f"{ips:.1f} images/s "
-                f"({ips / r['floor_ips']:.2f} of floor)", ">= 80" if dtype == "uint8" else "",
-                note)  # fmt: skip
+        rep.add(
+            f"loader per worker, augment_dtype={dtype}",
+            f"{ips:.1f} images/s ({ips / r['floor_ips']:.2f} of floor)",
+            ">= 80" if dtype == "uint8" else "",
+            note,
+        )
     rep.add("loader floor: JPEG decode + resize", f"{r['floor_ips']:.1f} images/s")
-    rep.add("colour jitter alone, float32 / uint8", f"{r['jitter_float32_ms']:.1f} ms / "
-            f"{r['jitter_uint8_ms']:.1f} ms per {crop} crop")  # fmt: skip
+    rep.add(
+        "membership scan (label PNGs, once per dataset)",
+        f"{r['membership_ips']:.0f} images/s",
+        note=f"{max(1, workers)} threads",
+    )
+    rep.add(
+        "colour jitter alone, float32 / uint8",
+        f"{r['jitter_float32_ms']:.1f} ms / {r['jitter_uint8_ms']:.1f} ms per {crop} crop",
+    )
     if "loader_ips" in r:
-        rep.add(f"DataLoader, {r['loader_workers']} workers, uint8", f"{r['loader_ips']:.1f} images/s")  # noqa: E501
+        rep.add(
+            f"DataLoader, {r['loader_workers']} workers, uint8", f"{r['loader_ips']:.1f} images/s"
+        )
 
 
 def _gpd(rep: Report, quick: bool) -> None:
     kw = {"dim": 64, "grid": 8, "crop": 64} if quick else {}
     r = gpd_pool.measure(rep.device, **kw)
-    rep.add("GPD masked means, adjoint pooling / upsample first",
-            f"{1e3 * r['adjoint_s']:.1f} ms / {1e3 * r['naive_s']:.1f} ms; "
-            f"{r['adjoint_mib']:.0f} / {r['naive_mib']:.0f} MiB",
-            note=f"batch 2, 4 masks each; max prototype difference {r['max_abs_diff']:.1e}")  # fmt: skip
+    rep.add(
+        "GPD masked means, adjoint pooling / upsample first",
+        f"{1e3 * r['adjoint_s']:.1f} ms / {1e3 * r['naive_s']:.1f} ms; "
+        f"{r['adjoint_mib']:.0f} / {r['naive_mib']:.0f} MiB",
+        note=f"batch 2, 4 masks each; max prototype difference {r['max_abs_diff']:.1e}",
+    )
 
 
 def _toy(rep: Report, arch: str, repeats: int, compile: bool, run: bool) -> None:
@@ -84,19 +108,27 @@ def _toy(rep: Report, arch: str, repeats: int, compile: bool, run: bool) -> None
         r = toy.under_load(arch, repeats)
         n = cores()
         for t in sorted({1, n}):
-            rep.add(f"toy step, {t} thread(s): alone / beside a busy process",
-                    f"{r[f'alone_{t}']:.1f} ms / {r[f'loaded_{t}']:.1f} ms",
-                    note=f"{arch} CLIP, batch 8, t > 0")  # fmt: skip
+            rep.add(
+                f"toy step, {t} thread(s): alone / beside a busy process",
+                f"{r[f'alone_{t}']:.1f} ms / {r[f'loaded_{t}']:.1f} ms",
+                note=f"{arch} CLIP, batch 8, t > 0",
+            )
         if compile:
             eager = toy.step_ms(arch, 1, repeats)
             t0 = time.perf_counter()
             compiled = toy.step_ms(arch, 1, repeats, compile=True)
-            rep.add("toy step, run.compile false / true", f"{eager:.1f} ms / {compiled:.1f} ms",
-                    note=f"compile + warm-up {time.perf_counter() - t0:.0f} s; 1 thread")  # fmt: skip
+            rep.add(
+                "toy step, run.compile false / true",
+                f"{eager:.1f} ms / {compiled:.1f} ms",
+                note=f"compile + warm-up {time.perf_counter() - t0:.0f} s; 1 thread",
+            )
     if run:
         r = toy.short_run(rep.device.type)
-        rep.add("toy run (demo.yaml, 60 + 5 x 10 iterations, 30 val images)",
-                f"{r['seconds']:.1f} s wall", note="random toy-architecture CLIP, no pretraining")  # fmt: skip
+        rep.add(
+            "toy run (demo.yaml, 60 + 5 x 10 iterations, 30 val images)",
+            f"{r['seconds']:.1f} s wall",
+            note="random toy-architecture CLIP, no pretraining",
+        )
 
 
 def _demo(rep: Report) -> None:
@@ -105,10 +137,15 @@ def _demo(rep: Report) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {"CISSLIB_CACHE": str(Path(tmp) / "cache")}
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cisslib.cli", "demo", "--out", str(Path(tmp) / "demo")],
-                       check=True, env={**__import__("os").environ, **env})  # fmt: skip
-        rep.add("cisslib demo (empty cache: pretraining + 2 runs + report)",
-                f"{time.perf_counter() - t0:.0f} s wall")
+        subprocess.run(
+            [sys.executable, "-m", "cisslib.cli", "demo", "--out", str(Path(tmp) / "demo")],
+            check=True,
+            env={**os.environ, **env},
+        )
+        rep.add(
+            "cisslib demo (empty cache: pretraining + 2 runs + report)",
+            f"{time.perf_counter() - t0:.0f} s wall",
+        )
 
 
 def main(argv: list[str] | None = None) -> Report:
@@ -139,8 +176,13 @@ def main(argv: list[str] | None = None) -> Report:
     if "gpd" in parts:
         _gpd(rep, args.quick)
     if "toy" in parts:
-        _toy(rep, "tiny" if args.quick else "toy", args.repeats if args.quick else 10,
-             args.compile, run=not args.quick)  # fmt: skip
+        _toy(
+            rep,
+            "tiny" if args.quick else "toy",
+            args.repeats if args.quick else 10,
+            args.compile,
+            run=not args.quick,
+        )
     if "demo" in parts:
         _demo(rep)
     rep.add("suite wall time", f"{time.perf_counter() - t0:.0f} s")

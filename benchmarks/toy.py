@@ -48,8 +48,8 @@ def under_load(arch: str, repeats: int) -> dict:
 def short_run(device: str = "cpu", iters: int = 60, inc_iters: int = 10, val: int = 30) -> dict:
     """Wall seconds of ``params/demo.yaml`` (toy 15-1: 6 steps) shortened, on a random-weight
     CLIP of the toy architecture (no pretraining), through :func:`cisslib.api.run`."""
-    from cisslib.api import run
     from benchmarks.models import ARCHS
+    from cisslib.api import run
 
     cfg = yaml.safe_load((REPO / "params" / "demo.yaml").read_text())
     cfg["model"]["clip"] = {"name": "toy-random", "pretrained": None, "model_cfg": ARCHS["toy"][1]}

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common import interleaved, peak_memory_mib, sync, timed
+from benchmarks.models import build
 from cisslib.engine.optim import make_optimizer
 from cisslib.engine.runtime import Dist, Runtime
 from cisslib.engine.trainer import FiniteWatch, StepTrainer
 from cisslib.losses import CISSCriterion, LossWeights
 from cisslib.model import freeze
-
-from benchmarks.common import peak_memory_mib, sync, timed
-from benchmarks.models import build
 
 N_OLD, N_SEEN = 15, 20
 
@@ -67,14 +66,26 @@ def make_step(
     runtime = Runtime(dist=Dist(), device=device, precision=precision)
     criterion = CISSCriterion(LossWeights(ce=5.0, mask=50.0, dice=1.0, gpd=1.0, qd=0.15))
     trainer = StepTrainer(
-        model, criterion, runtime, text=text.to(device), num_old=N_OLD, grad_clip=35.0,
-        old_model=old, compile=compile,
-    )  # fmt: skip
+        model,
+        criterion,
+        runtime,
+        text=text.to(device),
+        num_old=N_OLD,
+        grad_clip=35.0,
+        old_model=old,
+        compile=compile,
+    )
     trainer.wrap_for_processes()
     opt, sched = make_optimizer(
-        model, lr=1e-5, iters=10**6, warmup_iters=10, warmup_factor=1e-6, poly_power=0.9,
-        weight_decay=0.01, head_lr_mult=10.0,
-    )  # fmt: skip
+        model,
+        lr=1e-5,
+        iters=10**6,
+        warmup_iters=10,
+        warmup_factor=1e-6,
+        poly_power=0.9,
+        weight_decay=0.01,
+        head_lr_mult=10.0,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     images = torch.rand(batch, 3, crop, crop, generator=g) * 255
     labels = torch.zeros(batch, crop, crop, dtype=torch.long)
@@ -85,13 +96,17 @@ def make_step(
 
 
 def measure(
-    arch: str, batch: int, device: torch.device, precision: str, repeats: int,
+    arch: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    repeats: int,
     memory: bool = True,
 ) -> dict:
     """Seconds of the full step and of the floor, their ratio, peak memory +- checkpointing."""
     bench = make_step(arch, batch, device, precision)
-    out = {"full_s": timed(bench.full, device, repeats), "floor_s": timed(bench.floor, device, repeats)}
-    out["ratio"] = out["full_s"] / out["floor_s"]
+    t = interleaved({"full_s": bench.full, "floor_s": bench.floor}, device, repeats)
+    out = {**t, "ratio": t["full_s"] / t["floor_s"]}
     if memory:
         encoder = bench.trainer.model.encoder
         for ckpt in (False, True):

@@ -60,9 +60,15 @@ def _trainer(tiny_clip, tiny_text, criterion):
 
 def _opt(model):
     return make_optimizer(
-        model, lr=1e-4, iters=10, warmup_iters=1, warmup_factor=1.0, poly_power=0.9,
-        weight_decay=0.0, head_lr_mult=1.0,
-    )  # fmt: skip
+        model,
+        lr=1e-4,
+        iters=10,
+        warmup_iters=1,
+        warmup_factor=1.0,
+        poly_power=0.9,
+        weight_decay=0.0,
+        head_lr_mult=1.0,
+    )
 
 
 # ---------------------------------------------------------------- no host sync per iteration
@@ -76,13 +82,21 @@ def test_non_finite_loss_is_read_at_check_time_and_names_the_first_iteration(
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     reads = []
     real_check = FiniteWatch.check
-    monkeypatch.setattr(FiniteWatch, "check", lambda self, rt=None: (reads.append(1), real_check(self, rt)))  # noqa: E501
+    monkeypatch.setattr(
+        FiniteWatch, "check", lambda self, rt=None: (reads.append(1), real_check(self, rt))
+    )
     seen = []
     with pytest.raises(FloatingPointError, match=r"step 3 iteration 12: loss is nan \(\{'loss_ce'"):
         trainer.train(
-            _batches(8), start=10, step=3, optimizer=opt, scheduler=sched, scaler=scaler,
-            callbacks=[lambda it, terms, g: seen.append(it)], check_every=5,
-        )  # fmt: skip
+            _batches(8),
+            start=10,
+            step=3,
+            optimizer=opt,
+            scheduler=sched,
+            scaler=scaler,
+            callbacks=[lambda it, terms, g: seen.append(it)],
+            check_every=5,
+        )
     # iterations 10..14 ran (the NaN at 12 did not stop the loop), the check at 15 raised
     # before that iteration's callbacks; it was the first host read of the loss
     assert seen == [11, 12, 13, 14] and len(reads) == 1
@@ -96,11 +110,19 @@ def test_finite_run_checks_only_at_the_periods_and_the_end(tiny_clip, tiny_text,
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     reads = []
     real_check = FiniteWatch.check
-    monkeypatch.setattr(FiniteWatch, "check", lambda self, rt=None: (reads.append(1), real_check(self, rt)))  # noqa: E501
+    monkeypatch.setattr(
+        FiniteWatch, "check", lambda self, rt=None: (reads.append(1), real_check(self, rt))
+    )
     done = trainer.train(
-        _batches(7), start=0, step=0, optimizer=opt, scheduler=sched, scaler=scaler,
-        check_every=3, total=7,
-    )  # fmt: skip
+        _batches(7),
+        start=0,
+        step=0,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        check_every=3,
+        total=7,
+    )
     assert done == 7 and len(reads) == 4  # at 3, 6, 7 (= total) and after the loop
 
 
@@ -131,7 +153,9 @@ def test_unused_parameter_probe_finds_exactly_the_unused_and_changes_nothing(tin
     unused = unused_parameters(model, tiny_text, 0)
     assert unused == ["decoder.spare.weight", "decoder.spare.bias"]
     assert torch.equal(torch.get_rng_state(), rng)  # dropout draws were forked away
-    assert torch.equal(model.decoder.q_proj.weight.grad, torch.ones_like(model.decoder.q_proj.weight))
+    assert torch.equal(
+        model.decoder.q_proj.weight.grad, torch.ones_like(model.decoder.q_proj.weight)
+    )
     assert model.decoder.input_proj[0].weight.grad is None  # gradients put back as they were
 
 
@@ -141,14 +165,26 @@ def test_unused_parameter_probe_finds_exactly_the_unused_and_changes_nothing(tin
 def test_thread_plan():
     tiny, big = TINY_MODEL_PARAMS - 1, 86_000_000
     env: dict[str, str] = {}
-    assert plan_threads("auto", model_params=tiny, workers=2, device_type="cpu", cores=8, env=env).threads == 1  # noqa: E501
+    assert (
+        plan_threads(
+            "auto", model_params=tiny, workers=2, device_type="cpu", cores=8, env=env
+        ).threads
+        == 1
+    )
     plan = plan_threads("auto", model_params=big, workers=2, device_type="cuda", cores=16, env=env)
     assert (plan.threads, plan.workers) == (14, 2)  # threads + workers <= cores
     plan = plan_threads("auto", model_params=big, workers=4, device_type="cuda", cores=2, env=env)
     assert (plan.threads, plan.workers) == (1, 1)  # at most cores - 1 workers
     plan = plan_threads("auto", model_params=big, workers=0, device_type="cpu", cores=2, env=env)
     assert plan.workers == 0 and 1 <= plan.threads <= 2
-    omp = plan_threads("auto", model_params=tiny, workers=2, device_type="cpu", cores=8, env={"OMP_NUM_THREADS": "3"})  # noqa: E501
+    omp = plan_threads(
+        "auto",
+        model_params=tiny,
+        workers=2,
+        device_type="cpu",
+        cores=8,
+        env={"OMP_NUM_THREADS": "3"},
+    )
     assert omp.threads == 3 and omp.reason == "OMP_NUM_THREADS"
     fixed = plan_threads(4, model_params=tiny, workers=2, device_type="cpu", cores=2, env=env)
     assert (fixed.threads, fixed.workers) == (4, 2)  # an explicit number is obeyed
@@ -224,12 +260,23 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     env["PYTHONPATH"] = str(REPO)
     res = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = (tmp_path / "gpu_check.md").read_text()
-    for part in ("gpu-marked tests", "train step", "grad_checkpointing", "eval", "ADE 100-5",
-                 "VOC 15-1", "DDP smoke (torchrun, 2 processes, smoke.yaml) | ok"):  # fmt: skip
+    for part in (
+        "gpu-marked tests",
+        "train step",
+        "grad_checkpointing",
+        "eval",
+        "ADE 100-5",
+        "VOC 15-1",
+        "DDP smoke (torchrun, 2 processes, smoke.yaml) | ok",
+    ):
         assert part in report, part
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["gpu_tests"]["returncode"] == 0 and results["ddp"]["returncode"] == 0
@@ -249,9 +296,16 @@ def test_fused_adamw_on_cuda_matches_the_loop(tiny_clip):
     twin = copy.deepcopy(model)
     fused, _ = _opt(model)
     plain, _ = make_optimizer(
-        twin, lr=1e-4, iters=10, warmup_iters=1, warmup_factor=1.0, poly_power=0.9,
-        weight_decay=0.0, head_lr_mult=1.0, fused=False,
-    )  # fmt: skip
+        twin,
+        lr=1e-4,
+        iters=10,
+        warmup_iters=1,
+        warmup_factor=1.0,
+        poly_power=0.9,
+        weight_decay=0.0,
+        head_lr_mult=1.0,
+        fused=False,
+    )
     assert fused.defaults.get("fused") and not plain.defaults.get("fused")
     for m in (model, twin):
         for p in m.parameters():

@@ -240,8 +240,14 @@ def test_nearest_crop_equals_resize_then_crop() -> None:
     from cisslib.data.transforms import nearest_crop
 
     g = torch.Generator().manual_seed(0)
-    for h, w, nh, nw in [(375, 500, 512, 683), (375, 500, 256, 341), (500, 375, 1024, 768),
-                         (333, 500, 666, 1000), (37, 53, 37, 53), (480, 640, 397, 529)]:  # fmt: skip
+    for h, w, nh, nw in [
+        (375, 500, 512, 683),
+        (375, 500, 256, 341),
+        (500, 375, 1024, 768),
+        (333, 500, 666, 1000),
+        (37, 53, 37, 53),
+        (480, 640, 397, 529),
+    ]:
         lab = torch.randint(0, 256, (h, w), generator=g)
         full = F.resize(tv_tensors.Mask(lab[None]), [nh, nw]).as_subclass(torch.Tensor)[0]
         for _ in range(3):

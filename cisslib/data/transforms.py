@@ -72,9 +72,9 @@ def nearest_crop(
     """``F.resize(label, size, NEAREST)[top : top + ch, left : left + cw]`` without resizing the
     whole map: ``box = (top, left, ch, cw)``; ``label (H, W)``, any dtype."""
     top, left, ch, cw = box
-    rows = _nearest_index(label.shape[0], size[0], top, ch)
-    cols = _nearest_index(label.shape[1], size[1], left, cw)
-    return label[rows[:, None], cols[None, :]]
+    rows = _nearest_index(label.shape[0], size[0], top, ch).numpy()
+    cols = _nearest_index(label.shape[1], size[1], left, cw).numpy()
+    return torch.from_numpy(label.numpy().take(rows, axis=0).take(cols, axis=1))
 
 
 def _check_pair(image: torch.Tensor, label: torch.Tensor) -> None:
@@ -343,14 +343,14 @@ class TrainTransform:
         hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
         if self.color is not None:
             hwc = self.color.uint8(hwc)
-        if self.hflip and _coin():
-            hwc = hwc[:, ::-1]
-            label = label.flip(-1)
+        flip = self.hflip and _coin()
         ch, cw = label.shape
         out = torch.full((3, self.crop, self.crop), self.pad_value, dtype=torch.float32)
-        out[:, :ch, :cw] = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+        for c, plane in enumerate(_cv2().split(hwc)):  # three contiguous planes: fast copies
+            plane = torch.from_numpy(plane)
+            out[c, :ch, :cw] = plane.flip(-1) if flip else plane
         lab = torch.full((self.crop, self.crop), self.ignore_index, dtype=torch.int64)
-        lab[:ch, :cw] = label
+        lab[:ch, :cw] = label.flip(-1) if flip else label
         return out, lab
 
 
