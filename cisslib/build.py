@@ -80,15 +80,20 @@ def build_scenario(cfg: Config, num_classes: int) -> Scenario:
         raise ConfigError(f"scenario.order: {e}") from None
 
 
-def build_transforms(cfg: Config) -> tuple[Any, Any]:
-    """``(train_transform, test_transform)`` (SPEC 4)."""
+def build_transforms(cfg: Config, device_type: str = "cpu") -> tuple[Any, Any]:
+    """``(train_transform, test_transform)`` (SPEC 4); ``train.augment_dtype: auto`` is uint8
+    when the run trains on CUDA and float32 elsewhere (the numbers of earlier CPU runs)."""
     tr = cfg.train
+    dtype = tr.augment_dtype
+    if dtype == "auto":
+        dtype = "uint8" if device_type == "cuda" else "float32"
     train = TrainTransform(
         crop=tr.crop,
         short_sides=tuple(tr.short_sides),
         max_long=tr.max_long,
         color_jitter=tr.color_jitter,
         hflip=tr.hflip,
+        dtype=dtype,
     )
     test = TestTransform(short_side=cfg.eval.short_side, max_long=cfg.eval.max_long)
     return train, test
@@ -177,6 +182,8 @@ def build_model(cfg: Config, clip: ClipBundle) -> torch.nn.Module:
         drop_path_active=m.drop_path_active,
         # zero_shot: the checkpoint's table, interpolated once to each window's grid
         pos_embed_grid=None if zero_shot else pos_embed_grid(cfg, clip.model),
+        grad_checkpointing=m.grad_checkpointing,
+        attention=m.attention,
     )
     if zero_shot:
         return ZeroShotSegmenter(model.encoder)

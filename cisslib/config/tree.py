@@ -32,6 +32,11 @@ class RunConfig:
     log_every: int = 20  # one log line per this many iterations
     checkpoint_every: int = 200  # resumable checkpoint inside a step every N iterations (0 = off)
     progress: str = "auto"  # auto (tqdm when stderr is a terminal) | bar | log
+    # speed (issue 13): nothing here changes a CPU fp32 run's numbers at its default
+    # intra-op CPU threads: auto (OMP_NUM_THREADS if set; 1 for models < 5 M parameters; else
+    # the cores the workers leave on CUDA, torch's default on CPU) | N. See README "Speed".
+    threads: int | str = "auto"
+    compile: bool = False  # torch.compile the student's forward (measured: see benchmarks)
 
 
 @dataclass
@@ -100,6 +105,11 @@ class ModelConfig:
     # the class texts, nothing trains: the zero_shot baseline)
     decoder: str = "atm"
     freeze_encoder: bool = False  # the CLIP encoder stays frozen at every step (frozen_encoder)
+    # speed (issue 13)
+    grad_checkpointing: bool = False  # recompute encoder blocks in backward (less memory)
+    # encoder attention kernel in no-grad inference: auto (CPU: PyTorch's MHA fast path, as
+    # before; CUDA: plain) | fast_path | plain (the scaled-dot-product kernel training uses)
+    attention: str = "auto"
 
 
 @dataclass
@@ -146,6 +156,11 @@ class TrainConfig:
     eval_every: int = (
         0  # evaluations inside a step (only used with select_best_on_val); 0 = end only
     )
+    # speed (issue 13): arithmetic of the image augmentation: auto (uint8 when training on CUDA,
+    # float32 on CPU) | float32 (float resize and HSV jitter: the numbers of earlier runs) |
+    # uint8 (uint8 resize, OpenCV's uint8 HSV and lookup tables as detectron2's
+    # ColorAugSSDTransform; several times faster)
+    augment_dtype: str = "auto"
 
 
 @dataclass

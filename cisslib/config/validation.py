@@ -27,6 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.gpd_pool_at": ("mask", "feature"),
     "eval.miou_denominator": ("gt_or_pred", "gt"),
     "model.decoder": ("atm", "none"),
+    "model.attention": ("auto", "fast_path", "plain"),  # speed (issue 13)
+    "train.augment_dtype": ("auto", "float32", "uint8"),
 }
 
 #: ``run.device``: auto, cpu, mps, cuda or cuda:N.
@@ -169,6 +171,12 @@ def validate(cfg: Config, where: str = "config") -> None:
         )
     if isinstance(grid, int) and grid < 1:
         raise ConfigError(f"{where}: key 'model.pos_embed_grid' must be positive, got {grid}")
+    threads = cfg.run.threads
+    bad_str = isinstance(threads, str) and threads != "auto"
+    if bad_str or (isinstance(threads, int) and threads < 1):
+        raise ConfigError(
+            f"{where}: key 'run.threads' is {threads!r}; use auto or a number of threads >= 1"
+        )
     sides = cfg.train.short_sides
     if not sides:
         raise ConfigError(f"{where}: key 'train.short_sides' must list at least one size")

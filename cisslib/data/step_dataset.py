@@ -13,9 +13,10 @@ from cisslib.data.sources import SegSource
 class StepDataset(torch.utils.data.Dataset):
     """Items ``indices`` of ``source`` with labels remapped by ``lut``, then ``transform``.
 
-    Returns ``(image, label)``: image ``(3, H, W)`` float32 RGB in 0..255, label ``(H, W)`` int64
-    (label space after ``lut``, 255 void). ``lut`` is a ``(256,)`` uint8 table such as
-    ``Scenario.train_lut(t)``. Pickles (for DataLoader workers) when the source does.
+    Returns ``(image, label)``: image ``(3, H, W)`` float32 RGB in 0..255 (as the transform
+    returns it; a transform with ``takes_uint8 = True`` receives the uint8 image), label
+    ``(H, W)`` int64 (label space after ``lut``, 255 void). ``lut`` is a ``(256,)`` uint8 table
+    such as ``Scenario.train_lut(t)``. Pickles (for DataLoader workers) when the source does.
     """
 
     def __init__(
@@ -52,7 +53,9 @@ class StepDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.source.load(int(self.indices[k]))
         label = self.lut[np.asarray(label, dtype=np.uint8)]
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if not getattr(self.transform, "takes_uint8", False):  # one that reads uint8 itself
+            img = img.float()
         lab = torch.from_numpy(label.astype(np.int64))
         if self.transform is not None:
             img, lab = self.transform(img, lab)

@@ -1,16 +1,24 @@
 """Joint image + label augmentation for training and the test-time resize (SPEC 4).
 
-Both transforms take and return ``(image (3, H, W) float32 RGB 0..255, label (H, W) int64)``.
-Image and label go through ``torchvision.transforms.v2`` together (the label as a
-``tv_tensors.Mask``, so it is resized nearest-neighbour). Every random draw uses torch's global
-RNG, which the engine seeds per sample position (``cisslib.engine.data_order``), so a sample's
-augmentation depends only on the run's seed and its position in the data stream.
+Both transforms take ``(image (3, H, W) RGB 0..255, label (H, W) int64)`` (the training one
+uint8 or float32 images, the test one float32) and return a float32 image. Image and label go
+through ``torchvision.transforms.v2`` together (the label as a ``tv_tensors.Mask``, so it is
+resized nearest-neighbour). Every random draw uses torch's global RNG, which the engine seeds
+per sample position (``cisslib.engine.data_order``), so a sample's augmentation depends only on
+the run's seed and its position in the data stream.
+
+The training augmentation computes in one of two arithmetics (``train.augment_dtype``):
+``float32`` (float resize, float HSV jitter: the numbers of earlier cisslib runs) or ``uint8``
+(the authors' detectron2 pipeline: uint8 resize and OpenCV's uint8 HSV in
+``ColorAugSSDTransform``, with the per-value steps as 256-entry lookup tables; several times
+faster). Both make the same random draws in the same order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
@@ -40,7 +48,33 @@ def _resize(
     ).as_subclass(torch.Tensor)
     if label is not None:
         label = F.resize(tv_tensors.Mask(label[None]), list(size)).as_subclass(torch.Tensor)[0]
-    return img.clamp_(0, 255), label
+    if img.is_floating_point():
+        img = img.clamp_(0, 255)
+    return img, label
+
+
+def _nearest_index(n_in: int, n_out: int, start: int, count: int) -> torch.Tensor:
+    """Source rows of output rows ``start..start+count-1`` of PyTorch's ``nearest`` resize
+    ``n_in -> n_out`` (ATen ``nearest_idx``: ``min(floor(i * float(n_in / n_out)), n_in - 1)``
+    in float32)."""
+    dst = torch.arange(start, start + count)
+    if n_out == n_in:
+        return dst
+    if n_out == 2 * n_in:
+        return dst >> 1
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    return (dst.to(torch.float32) * scale).floor().long().clamp_(max=n_in - 1)
+
+
+def nearest_crop(
+    label: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """``F.resize(label, size, NEAREST)[top : top + ch, left : left + cw]`` without resizing the
+    whole map: ``box = (top, left, ch, cw)``; ``label (H, W)``, any dtype."""
+    top, left, ch, cw = box
+    rows = _nearest_index(label.shape[0], size[0], top, ch).numpy()
+    cols = _nearest_index(label.shape[1], size[1], left, cw).numpy()
+    return torch.from_numpy(label.numpy().take(rows, axis=0).take(cols, axis=1))
 
 
 def _check_pair(image: torch.Tensor, label: torch.Tensor) -> None:
@@ -153,6 +187,62 @@ class ColorAugSSD:
             x = self.contrast(self.hue(self.saturation(x)))
         return x
 
+    def uint8(self, image: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> jittered uint8 copy, detectron2's arithmetic (SPEC 4).
+
+        The same random draws as :meth:`__call__`, in the same order. Brightness and contrast
+        are ``uint8(clip(x * alpha + beta, 0, 255))`` per value, applied as one 256-entry table
+        (composed when adjacent); saturation scales OpenCV's uint8 S the same way and hue adds
+        ``delta`` to OpenCV's H modulo 180, each between ``cv2.cvtColor`` RGB<->HSV (RGB2HSV of
+        RGB is detectron2's BGR2HSV of BGR).
+        """
+        cv2 = _cv2()
+        identity = np.arange(256, dtype=np.uint8)
+        lut = identity
+        if _coin():  # brightness
+            lut = _lut(beta=_uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = _coin()
+        if contrast_first and _coin():  # contrast right after brightness: one table
+            lut = _lut(alpha=_uniform(*self.contrast_range))[lut]
+        x = np.ascontiguousarray(image)
+        if lut is not identity:
+            x = cv2.LUT(x, lut)
+        if _coin():  # saturation
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+            hsv = cv2.LUT(hsv, _channel_lut(1, _lut(alpha=_uniform(*self.saturation_range))))
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if _coin():  # hue
+            delta = int(torch.randint(-self.hue_delta, self.hue_delta + 1, ()).item())
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+            hue = ((identity.astype(np.int64) + delta) % 180).astype(np.uint8)
+            hsv = cv2.LUT(hsv, _channel_lut(0, hue))
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not contrast_first and _coin():  # contrast last
+            x = cv2.LUT(x, _lut(alpha=_uniform(*self.contrast_range)))
+        return x.copy() if x is image else x
+
+
+def _lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``(256,)`` uint8 table of detectron2's ``convert``: ``uint8(clip(v * alpha + beta))``."""
+    v = np.arange(256, dtype=np.float32) * alpha + beta
+    return np.clip(v, 0, 255).astype(np.uint8)
+
+
+def _channel_lut(channel: int, table: np.ndarray) -> np.ndarray:
+    """A ``(256, 1, 3)`` ``cv2.LUT`` table: ``table`` on ``channel``, identity on the others."""
+    lut = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+    lut[:, 0, channel] = table
+    return lut
+
+
+def _cv2():
+    """OpenCV, single-threaded (it runs inside data-loader workers)."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
+
 
 # ---------------------------------------------------------------- train / test transforms
 
@@ -164,7 +254,14 @@ class TrainTransform:
     image, nearest label) -> random ``crop`` x ``crop`` crop (smaller sides kept whole) -> SSD
     colour jitter -> horizontal flip (p=0.5) -> pad bottom/right to ``crop`` with ``pad_value``
     (image) and ``ignore_index`` (label).
+
+    ``dtype`` is the arithmetic of the image steps: ``"float32"`` (float resize and float HSV
+    jitter, :meth:`ColorAugSSD.__call__`) or ``"uint8"`` (uint8 antialiased resize, rounded like
+    PIL's, and :meth:`ColorAugSSD.uint8`: detectron2's). Both draw the same random numbers.
     """
+
+    #: ``StepDataset`` hands this transform the decoded uint8 image (no float copy first).
+    takes_uint8 = True
 
     def __init__(
         self,
@@ -175,9 +272,12 @@ class TrainTransform:
         hflip: bool = True,
         pad_value: float = PAD_VALUE,
         ignore_index: int = VOID,
+        dtype: str = "float32",
     ):
         if crop < 1 or not short_sides or min(short_sides) < 1:
             raise ValueError(f"crop={crop} and short_sides={short_sides} must be positive")
+        if dtype not in ("float32", "uint8"):
+            raise ValueError(f"TrainTransform: dtype={dtype!r} must be 'float32' or 'uint8'")
         self.crop = int(crop)
         self.short_sides = tuple(int(s) for s in short_sides)
         self.max_long = int(max_long)
@@ -185,33 +285,48 @@ class TrainTransform:
         self.hflip = hflip
         self.pad_value = float(pad_value)
         self.ignore_index = int(ignore_index)
+        self.dtype = dtype
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(crop={self.crop}, short_sides={self.short_sides}, "
-            f"max_long={self.max_long}, color_jitter={self.color is not None}, hflip={self.hflip})"
+            f"max_long={self.max_long}, color_jitter={self.color is not None}, "
+            f"hflip={self.hflip}, dtype={self.dtype!r})"
         )
 
     def __call__(
         self, image: torch.Tensor, label: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a pair: ``(3, H, W)`` float RGB 0..255 and ``(H, W)`` int64 labels ->
-        ``(3, crop, crop)`` and ``(crop, crop)``."""
+        """Augment a pair: ``(3, H, W)`` RGB 0..255 (uint8 or float32) and ``(H, W)`` int64
+        labels -> ``(3, crop, crop)`` float32 and ``(crop, crop)`` int64."""
         _check_pair(image, label)
+        if self.dtype == "uint8":
+            if image.dtype != torch.uint8:
+                image = image.round().clamp_(0, 255).to(torch.uint8)
+        else:
+            image = image.float()
         short = self.short_sides[int(torch.randint(len(self.short_sides), ()).item())]
         size = shortest_edge_size(image.shape[1], image.shape[2], short, self.max_long)
-        image, label = _resize(image, label, size)
         h, w = size
         ch, cw = min(h, self.crop), min(w, self.crop)
-        top = int(torch.randint(h - ch + 1, ()).item())
-        left = int(torch.randint(w - cw + 1, ()).item())
+        if self.dtype == "uint8":  # the label's crop straight from the source pixels
+            image, _ = _resize(image, None, size)
+            top = int(torch.randint(h - ch + 1, ()).item())
+            left = int(torch.randint(w - cw + 1, ()).item())
+            label = nearest_crop(label, size, (top, left, ch, cw))
+        else:
+            image, label = _resize(image, label, size)
+            top = int(torch.randint(h - ch + 1, ()).item())
+            left = int(torch.randint(w - cw + 1, ()).item())
+            label = label[top : top + ch, left : left + cw]
         image = image[:, top : top + ch, left : left + cw]
-        label = label[top : top + ch, left : left + cw]
+        if self.dtype == "uint8":
+            return self._finish_uint8(image, label)
         if self.color is not None:
             image = self.color(image)
         if self.hflip and _coin():
-            image = F.horizontal_flip(tv_tensors.Image(image)).as_subclass(torch.Tensor)
-            label = F.horizontal_flip(tv_tensors.Mask(label)).as_subclass(torch.Tensor)
+            image = image.flip(-1)
+            label = label.flip(-1)
         pad = [0, 0, self.crop - cw, self.crop - ch]  # left, top, right, bottom
         if pad[2] or pad[3]:
             image = F.pad(tv_tensors.Image(image), pad, fill=self.pad_value)
@@ -219,6 +334,24 @@ class TrainTransform:
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(
             torch.Tensor
         ).contiguous()
+
+    def _finish_uint8(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jitter, flip and pad of a ``(3, ch, cw)`` uint8 crop, written once into the float
+        output (the same draws and results as the float32 steps would give on that crop)."""
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        if self.color is not None:
+            hwc = self.color.uint8(hwc)
+        flip = self.hflip and _coin()
+        ch, cw = label.shape
+        out = torch.full((3, self.crop, self.crop), self.pad_value, dtype=torch.float32)
+        for c, plane in enumerate(_cv2().split(hwc)):  # three contiguous planes: fast copies
+            plane = torch.from_numpy(plane)
+            out[c, :ch, :cw] = plane.flip(-1) if flip else plane
+        lab = torch.full((self.crop, self.crop), self.ignore_index, dtype=torch.int64)
+        lab[:ch, :cw] = label.flip(-1) if flip else label
+        return out, lab
 
 
 class TestTransform:

@@ -91,15 +91,25 @@ def train_loader(
         drop_last=False,
         # own generator: creating the iterator must not draw from the global RNG (resume)
         generator=torch.Generator().manual_seed(0),
+        # one pass per loader (the sampler spans the whole step): nothing for workers to persist
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )
 
 
-def val_loader(dataset: Dataset, num_workers: int) -> DataLoader:
-    """Batch-1 loader of evaluation items, in order."""
+def val_loader(dataset: Dataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batch-1 loader of evaluation items, in order.
+
+    Its workers persist between passes (an evaluation reads the val set two or three times:
+    metrics, probe, prototypes); ``pin_memory`` for CUDA (page-locked batches, async copies).
+    """
     return DataLoader(
-        dataset, batch_size=1, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
+        dataset,
+        batch_size=1,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -91,10 +91,17 @@ class Evaluator:
         self.runtime = runtime
         self.meta = meta
         self.step_of_label = scenario.step_of_label()
+        self._loader: DataLoader | None = None
 
     # ---------------------------------------------------------------- data
 
     def loader(self) -> DataLoader:
+        """The val loader (built once: its workers persist between passes)."""
+        if self._loader is None:
+            self._loader = self._new_loader()
+        return self._loader
+
+    def _new_loader(self) -> DataLoader:
         n = len(self.val_source)
         if self.settings.max_images:
             n = min(n, self.settings.max_images)
@@ -103,7 +110,8 @@ class Evaluator:
         dataset = StepDataset(
             self.val_source, rank_indices(n, d.rank, d.world), IDENTITY_LUT, self.transform
         )
-        return val_loader(dataset, self.settings.num_workers)
+        pin = self.runtime.device.type == "cuda"
+        return val_loader(dataset, self.settings.num_workers, pin_memory=pin)
 
     def _lut(self, step: int) -> torch.Tensor:
         return torch.as_tensor(self.scenario.test_lut(step).astype(np.int64))
@@ -111,12 +119,15 @@ class Evaluator:
     def _scores(
         self, model: nn.Module, image: torch.Tensor, text: torch.Tensor, on_window=None
     ) -> torch.Tensor:
+        """``(1, C, H, W)`` float32 scores, left on the device: the confusion matrices are
+        counted there (a CUDA score map of 150 classes is ~200 MB to copy per image).
+        ``on_window`` sees every sliding window's presence probabilities (calibration)."""
         s = self.settings
         with self.runtime.autocast():
             scores = model.sliding_scores(
                 image, text, window=s.window, stride=s.stride, on_window=on_window
             )
-        return scores.float().cpu()
+        return scores.float()
 
     # ---------------------------------------------------------------- metrics
 
@@ -172,14 +183,14 @@ class Evaluator:
         is_old = self.step_of_label[1 : c_t + 1] < step
         calibration = PresenceCalibration(is_old, bins=s.calibration_bins) if full else None
         for image, raw in self.loader():
-            image = image.to(device)
-            labels = lut_t[raw]
+            image = image.to(device, non_blocking=True)
+            labels = lut_t[raw].to(device)
             on_window = None
             if calibration is not None:
                 on_window = _presence_recorder(calibration, labels, c_t)
             seen.update(self._scores(model, image, text_t, on_window), labels)
             if do_probe:
-                every.update(self._scores(model, image, text_all), lut_all[raw])
+                every.update(self._scores(model, image, text_all), lut_all[raw].to(device))
         seen.all_reduce_()
         summary, per_class = seen.summary(step, self.step_of_label, self.class_names[:c_t])
         result = EvalResult(
@@ -249,7 +260,7 @@ def _presence_recorder(calibration: PresenceCalibration, labels: torch.Tensor, n
 
     def record(y0: int, y1: int, x0: int, x1: int, presence: torch.Tensor) -> None:
         window = labels[:, y0:y1, x0:x1].reshape(labels.shape[0], -1)
-        present = torch.zeros(presence.shape, dtype=torch.bool)
+        present = torch.zeros(presence.shape, dtype=torch.bool, device=window.device)
         for b in range(window.shape[0]):
             ids = torch.unique(window[b])
             ids = ids[(ids >= 1) & (ids <= num_seen)]

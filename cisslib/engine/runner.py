@@ -50,7 +50,13 @@ from cisslib.engine.cost import StepCost
 from cisslib.engine.data_order import train_loader
 from cisslib.engine.evaluator import EvalResult, EvalSettings, Evaluator
 from cisslib.engine.optim import make_optimizer
-from cisslib.engine.runtime import Runtime, mix_seed, seed_everything
+from cisslib.engine.runtime import (
+    Runtime,
+    apply_threads,
+    mix_seed,
+    plan_threads,
+    seed_everything,
+)
 from cisslib.engine.trainer import StepTrainer
 from cisslib.files import atomic_torch_save, read_torch
 from cisslib.metrics.continual import CONTINUAL_INPUTS, continual_tables
@@ -97,9 +103,15 @@ class Runner:
         seed_everything(cfg.run.seed)
         self._prepare_data()
         self.clip = build.build_clip(cfg)
+        n_params = sum(p.numel() for p in self.clip.model.visual.parameters())
+        self.threads = plan_threads(
+            cfg.run.threads, model_params=n_params, workers=cfg.run.num_workers,
+            device_type=self.runtime.device.type,
+        )  # fmt: skip
+        apply_threads(self.threads)
         validate_model(cfg, **clip_geometry(self.clip.model), where=where)
         self.text = build.build_text(cfg, self.clip, self.train_source.class_names, self.scenario)
-        self.train_transform, test_transform = build.build_transforms(cfg)
+        self.train_transform, test_transform = build.build_transforms(cfg, self.runtime.device.type)
         self.criterion = build.build_criterion(cfg)
         self.meta = {
             "run": cfg.run.name,
@@ -114,7 +126,7 @@ class Runner:
             window=e.window, stride=e.stride, tau=e.tau,
             count_pred_only=e.miou_denominator == "gt_or_pred", max_images=e.max_images,
             zero_shot_probe=e.zero_shot_probe, shift_diagnostics=e.shift_diagnostics,
-            num_workers=cfg.run.num_workers, calibration_bins=e.calibration_bins,
+            num_workers=self.threads.workers, calibration_bins=e.calibration_bins,
         )  # fmt: skip
         self.evaluator = Evaluator(
             self.scenario, self.text, self.class_names, self.val_source, test_transform,
@@ -284,7 +296,7 @@ class Runner:
         )
         last = trainer.train(
             loader, start=start, step=step, optimizer=opt, scheduler=lr_sched, scaler=scaler,
-            callbacks=callbacks,
+            callbacks=callbacks, check_every=self._check_every(), total=sched.iters,
         )  # fmt: skip
         if bar is not None:
             bar.close()
@@ -292,6 +304,15 @@ class Runner:
         return best, last - start
 
     # ---------------------------------------------------------------- the step's objects
+
+    def _check_every(self) -> int:
+        """How often the trainer reads the loss's finiteness: every iteration that logs, saves a
+        resume point or evaluates (their greatest common divisor), so none sees a bad model."""
+        r, tr = self.cfg.run, self.cfg.train
+        periods = [r.log_every, r.checkpoint_every]
+        if tr.select_best_on_val:
+            periods.append(tr.eval_every)
+        return math.gcd(*[p for p in periods if p > 0]) or 1
 
     def _new_model(self) -> nn.Module:
         return build.build_model(self.cfg, self.clip).to(self.runtime.device)
@@ -318,6 +339,7 @@ class Runner:
             text=self.text[: sc.num_seen(step)].to(self.runtime.device),
             num_old=sc.num_seen(step - 1) if step > 0 else 0,
             grad_clip=cfg.train.grad_clip, reference=reference, old_model=old_model,
+            compile=cfg.run.compile,
         )  # fmt: skip
 
     def _load_step_weights(self, model: nn.Module, step: int) -> None:
@@ -340,7 +362,7 @@ class Runner:
         return train_loader(
             dataset, batch_size=self.cfg.train.batch_size, seed=mix_seed(self.cfg.run.seed, step),
             start=start, total=iters, rank=d.rank, world=d.world,
-            num_workers=self.cfg.run.num_workers, pin_memory=self.runtime.device.type == "cuda",
+            num_workers=self.threads.workers, pin_memory=self.runtime.device.type == "cuda",
         )  # fmt: skip
 
     # ---------------------------------------------------------------- callbacks
@@ -353,7 +375,8 @@ class Runner:
         def progress(it, terms, grad_norm):
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['total'].item():.3f}")
+                if it % cfg.run.log_every == 0 or it == iters:  # a host sync: not every iteration
+                    bar.set_postfix(loss=f"{terms['total'].item():.3f}")
 
         def losses(it, terms, grad_norm):
             if it % cfg.run.log_every == 0 or it == iters:

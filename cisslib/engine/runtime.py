@@ -1,4 +1,5 @@
-"""Where and how a run computes: device, precision, processes (torchrun DDP), seeds and RNG state.
+"""Where and how a run computes: device, precision, processes (torchrun DDP), CPU threads, seeds
+and RNG state.
 
 Resolved once per run (:meth:`Runtime.create`); autocast is a no-op context on CPU.
 """
@@ -104,6 +105,14 @@ class Runtime:
         if self.dist.world > 1:
             dist.barrier()
 
+    def max_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``value`` over the processes (``value`` itself alone)."""
+        if self.dist.world == 1:
+            return value
+        out = value.detach().clone().to(self.device)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
     def mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         """Each value averaged over the processes (unchanged in a single process)."""
         if self.dist.world == 1:
@@ -111,6 +120,82 @@ class Runtime:
         vec = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(vec)
         return dict(zip(values, (vec / self.dist.world).tolist(), strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU threads
+
+#: Models with fewer parameters than this run on one intra-op thread under ``run.threads: auto``:
+#: their operations are so small that a second OpenMP thread gains nothing and, on a machine
+#: with other programs running, makes every operation wait for a descheduled thread (the tiny
+#: CLIP smoke run: 11.6 s on one thread, 58 s on two beside one busy process).
+TINY_MODEL_PARAMS = 5_000_000
+
+#: torch's own intra-op thread count in this process, before cisslib changes it.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count`` elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Intra-op threads of the main process and data-loader workers of a run."""
+
+    threads: int
+    workers: int
+    reason: str
+
+
+def plan_threads(
+    setting: int | str,
+    *,
+    model_params: int,
+    workers: int,
+    device_type: str,
+    cores: int | None = None,
+    env: dict[str, str] | None = None,
+) -> ThreadPlan:
+    """The ``run.threads`` choice (a pure function; :func:`apply_threads` applies it).
+
+    ``setting`` an int N >= 1: N threads. ``"auto"``: ``$OMP_NUM_THREADS`` when set (the user
+    chose); else one thread for a model of fewer than :data:`TINY_MODEL_PARAMS` parameters (the
+    toy and smoke models: then their numbers do not depend on the machine); else on CUDA the
+    cores the ``workers`` leave (``threads + workers <= cores``: the workers feed the GPU), on
+    CPU torch's default (the model is the work; the workers idle between batches), at most the
+    cores this process may use. The workers are
+    ``run.num_workers``, at most ``cores - 1`` under ``auto`` (never fewer than one when asked
+    for); the data order does not depend on them.
+    """
+    cores = available_cores() if cores is None else max(1, int(cores))
+    env = os.environ if env is None else env
+    if setting != "auto":
+        n = int(setting)
+        if n < 1:
+            raise ValueError(f"run.threads={setting!r}: use 'auto' or a number of threads >= 1")
+        return ThreadPlan(n, workers, f"run.threads={n}")
+    workers = min(workers, max(1, cores - 1)) if workers > 0 else 0
+    omp = env.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) >= 1:
+        return ThreadPlan(int(omp), workers, "OMP_NUM_THREADS")
+    if model_params < TINY_MODEL_PARAMS:
+        return ThreadPlan(1, workers, f"tiny model ({model_params / 1e6:.1f} M parameters)")
+    if device_type == "cuda":
+        return ThreadPlan(max(1, cores - workers), workers, f"{cores} cores, {workers} workers")
+    n = min(TORCH_DEFAULT_THREADS, cores)
+    return ThreadPlan(n, workers, f"torch default, {cores} cores")
+
+
+def apply_threads(plan: ThreadPlan) -> None:
+    """Set torch's intra-op threads to ``plan.threads`` (the workers are the loaders' part)."""
+    if torch.get_num_threads() != plan.threads:
+        torch.set_num_threads(plan.threads)
+    log.info("CPU: %d intra-op thread(s), %d data worker(s) (%s)", plan.threads, plan.workers,
+             plan.reason)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@ dense embedding, positional embeddings on any token grid."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import open_clip
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 # SPEC 1.1: the authors normalise with ImageNet statistics (0..255 scale, RGB), not CLIP's.
@@ -16,6 +18,25 @@ IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 CLIP_MEAN: tuple[float, float, float] = tuple(255.0 * m for m in open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD: tuple[float, float, float] = tuple(255.0 * s for s in open_clip.OPENAI_DATASET_STD)
+
+
+#: ``attention: auto`` per device type. CPU keeps PyTorch's MHA fast path in inference, as
+#: cisslib always did, although the plain kernel measured 1.14x faster there (ViT-B/16, batch 1,
+#: ``python -m benchmarks``): switching would change the rounding of every CPU evaluation. CUDA:
+#: plain (under autocast PyTorch never takes the fast path, so fp32 inference then uses
+#: training's kernel); ``benchmarks/gpu_check.sh`` measures both.
+AUTO_ATTENTION: dict[str, str] = {"cpu": "fast_path", "cuda": "plain"}
+
+
+@contextlib.contextmanager
+def _mha_fast_path(enabled: bool):
+    """Set ``torch.backends.mha``'s fast-path switch inside the block, restore it after."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
 
 
 class EncoderOutput(NamedTuple):
@@ -83,6 +104,15 @@ class DenseCLIPEncoder(nn.Module):
             OpenAI's 14x14 to 32x32 for 512 crops at load (SPEC 1.1). ``None`` keeps the
             checkpoint's grid as the parameter. Either way ``forward`` interpolates the table
             only when the input's token grid differs from it (e.g. windows of another size).
+        grad_checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them (training memory of the blocks ~1/depth, ~one more forward of time;
+            the same gradients).
+        attention: the attention kernel of the blocks in no-grad inference. Training always runs
+            ``nn.MultiheadAttention``'s general path, which calls
+            ``F.scaled_dot_product_attention``; in inference PyTorch switches to its fused "fast
+            path" kernel, whose rounding differs. ``"plain"`` keeps the general path there too,
+            ``"fast_path"`` lets PyTorch take the fast path, ``"auto"`` picks per device type:
+            :data:`AUTO_ATTENTION` (measured in ``benchmarks``).
     """
 
     def __init__(
@@ -95,8 +125,16 @@ class DenseCLIPEncoder(nn.Module):
         drop_path_rate: float = 0.1,
         drop_path_active: bool = False,
         pos_embed_grid: tuple[int, int] | None = None,
+        grad_checkpointing: bool = False,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
+        if attention not in ("auto", "fast_path", "plain"):
+            raise ValueError(
+                f"DenseCLIPEncoder: attention={attention!r} must be auto, fast_path or plain"
+            )
+        self.grad_checkpointing = grad_checkpointing
+        self.attention = attention
         for attr in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post"):
             if not hasattr(visual, attr):
                 raise TypeError(f"DenseCLIPEncoder: visual has no {attr!r}; pass an open_clip ViT")
@@ -150,6 +188,24 @@ class DenseCLIPEncoder(nn.Module):
             grid = target
         self.pos_grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
 
+    def attention_kernel(self, device: torch.device) -> str:
+        """``"fast_path"`` or ``"plain"``: the kernel no-grad inference uses on ``device``."""
+        if self.attention != "auto":
+            return self.attention
+        return AUTO_ATTENTION.get(device.type, "plain")
+
+    def _attention_context(self, x: torch.Tensor):
+        """Disable PyTorch's MHA fast path for the blocks when the plain kernel is chosen."""
+        grad = torch.is_grad_enabled() and (self.training or x.requires_grad)
+        if grad or self.attention_kernel(x.device) == "fast_path":
+            return contextlib.nullcontext()
+        return _mha_fast_path(False)
+
+    def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._block, i, blk, x, use_reentrant=False)
+        return self._block(i, blk, x)
+
     def _block(self, i: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not (self.drop_path_active and self.training and self.drop_path_rates[i] > 0):
             return blk(x)
@@ -186,11 +242,13 @@ class DenseCLIPEncoder(nn.Module):
         if not self.batch_first:
             x = x.transpose(0, 1)
         features = []
-        for i, blk in enumerate(v.transformer.resblocks):
-            x = self._block(i, blk, x)
-            if i in self.out_indices:
-                t = x if self.batch_first else x.transpose(0, 1)
-                features.append(t[:, 1:].transpose(1, 2).reshape(B, self.width, h, w).contiguous())
+        with self._attention_context(x):
+            for i, blk in enumerate(v.transformer.resblocks):
+                x = self._run_block(i, blk, x)
+                if i in self.out_indices:
+                    t = x if self.batch_first else x.transpose(0, 1)
+                    t = t[:, 1:].transpose(1, 2).reshape(B, self.width, h, w)
+                    features.append(t.contiguous())
         if not self.batch_first:
             x = x.transpose(0, 1)
         x = v.ln_post(x) @ v.proj  # (B, 1 + h*w, D)

@@ -186,6 +186,8 @@ def build_segmenter(
     drop_path_active: bool = False,
     pos_embed_grid: tuple[int, int] | None = None,
     pad_value: float = PAD_VALUE,
+    grad_checkpointing: bool = False,
+    attention: str = "auto",
 ) -> CLIPSegmenter:
     """Build a :class:`CLIPSegmenter` on a copy of ``clip_model.visual``.
 
@@ -207,6 +209,8 @@ def build_segmenter(
         drop_path_rate=drop_path_rate,
         drop_path_active=drop_path_active,
         pos_embed_grid=pos_embed_grid,
+        grad_checkpointing=grad_checkpointing,
+        attention=attention,
     )
     decoder = ATMDecoder(
         in_channels=encoder.width,
