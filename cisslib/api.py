@@ -15,6 +15,7 @@ from cisslib import build
 from cisslib.config import Config, ConfigError, from_dict, load_config, to_dict
 from cisslib.data.step_dataset import StepDataset
 from cisslib.engine import Runner
+from cisslib.paths import find_params, in_project
 from cisslib.protocol import Scenario
 from cisslib.runs import RunDir, default_run_name, read_step_checkpoint
 
@@ -24,7 +25,10 @@ log = logging.getLogger("cisslib")
 
 
 def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, int | None]:
-    """``"1-3"`` / ``"2"`` / ``2`` / ``[0, 1]`` -> ``(first, last)``; ``None`` -> all steps."""
+    """``"1-3"`` / ``"2"`` / ``2`` / ``[0, 1]`` -> ``(first, last)``; ``None`` -> all steps.
+
+    A list must hold consecutive steps (in any order); ``[0, 2]`` is refused, not run as 0-2.
+    """
     if steps is None or steps == "":
         return None, None
     if isinstance(steps, int):
@@ -39,24 +43,31 @@ def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, in
         except ValueError:
             pass
         raise ConfigError(f"--steps {steps!r}: use A-B (e.g. 0-2) or a single step number")
-    values = [int(s) for s in steps]
+    values = sorted({int(s) for s in steps})
     if not values:
         return None, None
-    return min(values), max(values)
+    if values != list(range(values[0], values[-1] + 1)):
+        raise ConfigError(
+            f"steps {list(steps)}: not consecutive; each step starts from the previous step's "
+            f"weights, so list every step from {values[0]} to {values[-1]} (or give "
+            f"'{values[0]}-{values[-1]}')"
+        )
+    return values[0], values[-1]
 
 
 def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | None) -> Path:
     """The run folder, recording the run's name in ``cfg.run.name`` (it labels every table row).
 
     ``out`` given: that folder, named ``run.name`` or the folder's name; otherwise
-    ``<run.out_root>/<run.name or params stem_preset>``.
+    ``<run.out_root>/<run.name or params stem_preset>``. A relative ``out`` or ``out_root`` is
+    under the project root (:func:`cisslib.paths.in_project`), whatever the working directory.
     """
     r, sc = cfg.run, cfg.scenario
     name = r.name or (
         Path(out).name if out else default_run_name(params, r.preset, sc.dataset, sc.setting)
     )
     cfg.run.name = name
-    return Path(out) if out else Path(r.out_root) / name
+    return in_project(out) if out else in_project(r.out_root) / name
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -80,13 +91,15 @@ def run(
     """Run (or resume) a scenario from a params file; returns the run folder.
 
     Args:
-        params: a ``params/*.yaml`` file (``None``: defaults).
+        params: a params file, or its name in ``params/`` (``toy_15-1``); ``None``: defaults.
         overrides: ``key.sub=value`` strings applied after the file.
-        out: the run folder (default ``<run.out_root>/<params stem>_<preset>``).
+        out: the run folder (default ``<run.out_root>/<params stem>_<preset>``); relative paths
+            are under the project root.
         steps: which steps to run (``"A-B"``); steps after 0 need the previous step's checkpoint
             in the same folder.
         resume: continue an interrupted run in ``out`` from its last checkpoint.
     """
+    params = find_params(params) if params is not None else None
     cfg = load_config(params, overrides)
     run_dir = resolve_run_dir(cfg, params, out)
     first, last = parse_steps(steps)
@@ -96,13 +109,14 @@ def run(
         diffs = _config_differences(old, to_dict(cfg))
         if diffs:
             raise ConfigError(
-                f"{rd.config}: --resume with a different config ({'; '.join(diffs[:3])}); "
-                "resume with the same params and overrides, or use a new --out"
+                f"{rd.config}: resume with a different config ({'; '.join(diffs[:3])}); "
+                "resume with the same params and overrides, or use a new run folder "
+                "(out=... / --out)"
             )
     elif rd.completed_steps() and not resume and (first is None or first == 0):
         raise ConfigError(
-            f"run folder {run_dir} already holds results (steps {rd.completed_steps()}); pass "
-            "--resume to continue it or --out for a new folder"
+            f"run folder {run_dir} already holds results (steps {rd.completed_steps()}); "
+            "resume=True (--resume) continues it, a new run folder (out=... / --out) starts over"
         )
     Runner(cfg, run_dir, resume=resume).run_steps(first, last)
     return run_dir

@@ -30,7 +30,7 @@ class RunConfig:
     num_workers: int = 2  # SPEC 4: 2 dataloader workers
     log_every: int = 20  # one log line per this many iterations
     checkpoint_every: int = 200  # resumable checkpoint inside a step every N iterations (0 = off)
-    progress: str = "auto"  # auto (tqdm when stderr is a terminal) | bar | log
+    progress: str = "auto"  # auto (tqdm in a terminal or JupyterLab, lines in batch) | bar | log
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from cisslib.engine.trainer import StepTrainer
 from cisslib.files import atomic_torch_save
 from cisslib.model import freeze, frozen_encoder_copy, load_segmenter_weights
 from cisslib.runs import TABLES, RunDir, Table, setup_logging
+from cisslib.session import log_to_console, show_bar
 
 log = logging.getLogger("cisslib")
 
@@ -63,10 +63,9 @@ class Runner:
                 f"{world} processes; pick a multiple"
             )
         main = self.runtime.dist.main
-        progress = cfg.run.progress
-        self.bar = main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
+        self.bar = main and show_bar(cfg.run.progress)  # terminal / notebook / batch: session.py
         if main:
-            setup_logging(self.run.log, to_console=not self.bar)
+            setup_logging(self.run.log, to_console=log_to_console(cfg.run.progress))
             save_config(cfg, self.run.config)
         seed_everything(cfg.run.seed)
         self._prepare_data()
