@@ -130,9 +130,9 @@ def run_folders(value: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
         raise ValueError("no run folder given; pass at least one run folder")
     for folder, given in zip(folders, as_list(value), strict=True):
         if not (folder / "metrics" / "summary.csv").is_file():
-            what = "no run folder" if not folder.is_dir() else "no metrics/summary.csv in"
+            what = "no run folder at" if not folder.is_dir() else "no metrics/summary.csv in"
             raise FileNotFoundError(
-                f"{given}: {what} {folder}; {DEMO_HINT}, `cisslib run PARAMS` writes others"
+                f"{given}: {what} {folder}; {DEMO_HINT} (`cisslib run PARAMS` writes others)"
             )
     return folders
 

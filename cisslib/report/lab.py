@@ -10,6 +10,7 @@ root with this hook installed; extra arguments go to ``jupyter lab``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -70,5 +71,9 @@ def lab_command(extra: Sequence[str] = ()) -> list[str]:
 
 def run_lab(extra: Sequence[str] = ()) -> None:
     """Replace this process with JupyterLab (:func:`lab_command`)."""
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise FileNotFoundError(
+            "JupyterLab is not installed in this environment; pip install 'cisslib[notebooks]'"
+        )
     cmd = lab_command(extra)
     os.execv(cmd[0], cmd)
