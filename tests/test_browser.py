@@ -108,7 +108,8 @@ def lab(home: Path, committed, tmp_path_factory: pytest.TempPathFactory):
     env.pop("CISSLIB_SESSION", None)
     args = [
         "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--ServerApp.token={token}",
-        "--ServerApp.port_retries=0", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--ServerApp.port_retries=0",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",  # no PyPI request
     ]  # fmt: skip
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")
