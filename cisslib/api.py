@@ -24,6 +24,7 @@ from cisslib.config import Config, ConfigError, from_dict, load_config, to_dict
 from cisslib.config.validation import validate_device
 from cisslib.data.step_dataset import StepDataset
 from cisslib.engine import Runner
+from cisslib.paths import find_params, in_project
 from cisslib.protocol import Scenario, parse_setting
 from cisslib.runs import (
     RunDir,
@@ -40,7 +41,10 @@ log = logging.getLogger("cisslib")
 
 
 def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, int | None]:
-    """``"1-3"`` / ``"2"`` / ``2`` / ``[0, 1]`` -> ``(first, last)``; ``None`` -> all steps."""
+    """``"1-3"`` / ``"2"`` / ``2`` / ``[0, 1]`` -> ``(first, last)``; ``None`` -> all steps.
+
+    A list must hold consecutive steps (in any order); ``[0, 2]`` is refused, not run as 0-2.
+    """
     if steps is None or steps == "":
         return None, None
     if isinstance(steps, int):
@@ -56,10 +60,16 @@ def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, in
                 f"--steps {steps!r}: use A-B (e.g. 0-2) or a single step number"
             ) from None
     else:
-        values = [int(s) for s in steps]
+        values = sorted({int(s) for s in steps})
         if not values:
             return None, None
-        first, last = min(values), max(values)
+        if values != list(range(values[0], values[-1] + 1)):
+            raise ConfigError(
+                f"steps {list(steps)}: not consecutive; each step starts from the previous "
+                f"step's weights, so list every step from {values[0]} to {values[-1]} (or give "
+                f"'{values[0]}-{values[-1]}')"
+            )
+        first, last = values[0], values[-1]
     if first < 0 or last < first:
         raise ConfigError(f"--steps {steps!r}: give steps A-B with 0 <= A <= B")
     return first, last
@@ -83,7 +93,8 @@ def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | No
     """The run folder, recording the run's name in ``cfg.run.name`` (it labels every table row).
 
     ``out`` given: that folder, named ``run.name`` or the folder's name; otherwise
-    ``<run.out_root>/<run.name or params stem_preset>``.
+    ``<run.out_root>/<run.name or params stem_preset>``. A relative ``out`` or ``out_root`` is
+    under the project root (:func:`cisslib.paths.in_project`), whatever the working directory.
     """
     r, sc = cfg.run, cfg.scenario
     name = r.name or (
@@ -92,7 +103,7 @@ def resolve_run_dir(cfg: Config, params: str | Path | None, out: str | Path | No
     cfg.run.name = name
     if params is not None and not cfg.run.params:
         cfg.run.params = Path(params).stem
-    return Path(out) if out else Path(r.out_root) / name
+    return in_project(out) if out else in_project(r.out_root) / name
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -192,9 +203,10 @@ def run(
     """Run (or resume) a scenario from a params file; returns the run folder.
 
     Args:
-        params: a ``params/*.yaml`` file (``None``: defaults).
+        params: a params file, or its name in ``params/`` (``toy_15-1``); ``None``: defaults.
         overrides: ``key.sub=value`` strings applied after the file.
-        out: the run folder (default ``<run.out_root>/<params stem>_<preset>``).
+        out: the run folder (default ``<run.out_root>/<params stem>_<preset>``); relative paths
+            are under the project root.
         steps: which steps to run (``"A-B"``); steps after 0 need the previous step's checkpoint
             in the same folder, run with the same config.
         resume: continue an interrupted run in ``out``: complete steps are skipped, the resume
@@ -205,6 +217,7 @@ def run(
     embeddings and the folder's checkpoints have been checked; while the run works the folder
     holds ``run.lock``.
     """
+    params = find_params(params) if params is not None else None
     where = str(params) if params is not None else "config"
     cfg = load_config(params, overrides)
     validate_device(cfg, where)

@@ -16,6 +16,9 @@ import time
 import traceback
 from pathlib import Path
 
+import yaml
+
+from cisslib import paths
 from cisslib.api import run
 from cisslib.config import PRESET_HELP, ConfigError
 from cisslib.data import DatasetError
@@ -23,7 +26,9 @@ from cisslib.files import WriteError
 from cisslib.jobs import run_demo, run_grid
 from cisslib.model import WeightsError
 from cisslib.protocol import NUM_CLASSES, SETTINGS
-from cisslib.report.workbook import build_report
+from cisslib.report.batch import run_batch
+from cisslib.report.lab import run_lab
+from cisslib.report.workbook import NotebookError, build_report
 from cisslib.runs import RunFolderError
 from cisslib.toy.clip import checkpoint_meta, pretrain_tiny_clip
 
@@ -39,6 +44,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WeightsError,
     RunFolderError,
     ReportError,
+    NotebookError,  # names the failed cell and the executed copy with the traceback
     WriteError,
     FileNotFoundError,
     PermissionError,
@@ -50,16 +56,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
-
-
 def _params_path(name: str) -> Path:
-    """A params file path, or a bare name looked up in the repository's params/ folder."""
-    p = Path(name)
-    if p.is_file() or p.suffix:
-        return p
-    candidate = PARAMS_DIR / f"{name}.yaml"
-    return candidate if candidate.is_file() else p
+    """A params file path, or a bare name looked up in the project's params/ folder."""
+    return paths.find_params(name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -86,9 +85,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
     print("presets (run.preset):")
     for name, text in PRESET_HELP.items():
         print(f"  {name:9s} {text}")
-    if PARAMS_DIR.is_dir():
-        print(f"params files ({PARAMS_DIR}):")
-        for p in sorted(PARAMS_DIR.glob("*.yaml")):
+    for folder in paths.params_dirs():
+        print(f"params files ({folder}):")
+        for p in sorted(folder.glob("*.yaml")):
             print(f"  {p.name}")
     return 0
 
@@ -110,7 +109,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     except (ValueError, KeyError) as e:  # tables that cannot be read back (load_runs)
         raise ReportError(str(e)) from None
-    print(out)
+    print(f"{out} ({out.stat().st_size / 1024:.0f} KiB, self-contained)")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    given = {}
+    for item in args.parameter:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-y {item!r}: use NAME=YAML, e.g. -y images=2")
+        given[key] = yaml.safe_load(value)
+    index, items = run_batch(args.notebook, args.targets, given, args.set, args.index)
+    failed = [i for i in items if i.error]
+    print(f"index: {index} ({len(items) - len(failed)} ok, {len(failed)} failed)")
+    return 1 if failed else 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    run_lab(args.args)
     return 0
 
 
@@ -128,14 +145,15 @@ def cmd_toy_clip(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    report = run_demo(Path(args.out), params=_params_path(args.params), overrides=args.set)
+    out = paths.in_project(args.out)
+    report = run_demo(out, params=_params_path(args.params), overrides=args.set)
     print(report)
     return 0
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
     out = run_grid(
-        Path(args.out),
+        paths.in_project(args.out),
         params=[_params_path(p) for p in args.params],
         presets=args.presets,
         seeds=args.seeds,
@@ -190,6 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
         "toy-clip", parents=[debug], help="pretrain (or load from cache) the embedded tiny CLIP"
     )
     p.set_defaults(func=cmd_toy_clip)
+
+    p = sub.add_parser(
+        "batch",
+        parents=[debug],
+        help="execute a notebook per params file or run folder, with HTML and an index",
+    )
+    p.add_argument("notebook", help="notebook name (run_scenario, forgetting, ...) or .ipynb path")
+    p.add_argument("targets", nargs="+", help="params files/names or run folders")
+    p.add_argument(
+        "-y",
+        dest="parameter",
+        action="append",
+        default=[],
+        metavar="NAME=YAML",
+        help="notebook parameter for every execution, e.g. -y convention=with_bg",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for a params-file notebook (repeatable)",
+    )
+    p.add_argument("--index", default=None, help="index page (default outputs/batch/NB.html)")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser(
+        "lab", parents=[debug], help="JupyterLab at the project root; notebooks saved clean"
+    )
+    p.add_argument(
+        "args", nargs="*", help="passed on to jupyter lab, after --: cisslib lab -- --port 8899"
+    )
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser(
         "demo", parents=[debug], help="toy world: full method vs fine-tuning, HTML report"

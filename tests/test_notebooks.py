@@ -1,5 +1,6 @@
-"""The committed notebooks: clean (no outputs), a parameters cell each, thin (no def/class); and
-executed through papermill on fabricated run folders, exported to HTML, combined into a report.
+"""The committed notebooks: clean (no outputs), a parameters cell each (real type annotations,
+defaults that are the demo's runs), thin (no def/class); and executed through papermill on
+fabricated run folders, exported to HTML, combined into a report, run in a batch.
 
 run_scenario.ipynb and explorer.ipynb need the engine (cisslib.api); they are skipped without it.
 """
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from papermill.translators import PythonTranslator
 
@@ -18,20 +20,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 
+from cisslib import cli, paths  # noqa: E402
 from cisslib.report import workbook  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-CELL_TIMEOUT = 300  # seconds per cell: a hung kernel fails the test instead of stalling CI
+# Seconds per cell: a safety net so that a hung kernel fails a test instead of stalling CI. The
+# explorer's stall (nbclient's Output-widget mimic) is avoided, not waited out: under papermill
+# the explorer creates no widget (test_explorer_notebook_is_static_under_papermill).
+CELL_TIMEOUT = 300
 EXPECTED_PARAMETERS = {
-    "run_scenario": ["params_file", "overrides", "out_dir", "steps"],
+    "run_scenario": ["params_file", "overrides", "out_dir", "steps", "resume"],
     "forgetting": ["run_dirs", "convention"],
     "semantic_shift": ["run_dirs"],
-    "explorer": ["run_dir"],
+    "explorer": ["run_dir", "images"],
 }
+DEMO_RUNS = ["outputs/demo/full", "outputs/demo/finetune"]  # what `cisslib demo` writes
+DEFAULTS = {
+    "run_scenario": {"params_file": "demo", "overrides": [], "out_dir": "outputs/demo/full",
+                     "steps": [], "resume": True},
+    "forgetting": {"run_dirs": DEMO_RUNS, "convention": "fg_only"},
+    "semantic_shift": {"run_dirs": DEMO_RUNS},
+    "explorer": {"run_dir": "outputs/demo/full", "images": 3},
+}  # fmt: skip
 
 
 def _code_outputs(nb: nbformat.NotebookNode) -> list:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def _parameters_cell(name: str) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    return cell
 
 
 # ---------------------------------------------------------------------------------- committed
@@ -55,11 +75,30 @@ def test_committed_notebook_is_clean_and_thin(name):
     assert all(p.inferred_type_name != "None" or p.default == "None" for p in params)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMETERS))
+def test_parameters_are_typed_and_default_to_the_demo(name):
+    cell = _parameters_cell(name)
+    space: dict = {}
+    # as a kernel runs it (without this module's `from __future__ import annotations`)
+    exec(compile(cell.source, name, "exec", dont_inherit=True), space)
+    annotations = space["__annotations__"]
+    # real types, so papermill --help-notebook prints `str`, `list`, not a quoted string
+    assert all(isinstance(t, type) for t in annotations.values()), annotations
+    shown = {p.name: p.inferred_type_name for p in PythonTranslator.inspect(cell)}
+    assert shown == {k: t.__name__ for k, t in annotations.items()}
+    assert {k: space[k] for k in annotations} == DEFAULTS[name]
+    for key in ("run_dirs", "run_dir", "out_dir"):
+        for d in paths.as_list(space.get(key, [])):
+            assert paths.in_project(d) == paths.project_root() / d  # outputs/ of the project
+
+
+# ---------------------------------------------------------------------------------- executed
 # ---------------------------------------------------------------------------------- executed
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three runs: a/toy_full and b/toy_full share a folder name (and preset, seeds 0 and 1)."""
     root = tmp_path_factory.mktemp("report")
-    runs = write_two_runs(root / "runs")
+    runs = [*write_two_runs(root / "a"), write_fake_run(root / "b", "full", seed=1)]
     return workbook.build_report(runs, root / "reports" / "toy.html", title="Toy comparison")
 
 
@@ -67,16 +106,21 @@ def test_report_is_one_html_with_figures_and_tables(report):
     text = report.read_text()
     assert sorted(p.name for p in report.parent.glob("*.html")) == ["index.html", "toy.html"]
     assert "<title>Toy comparison</title>" in text
-    # forgetting.ipynb: curves, 2 heatmaps, losses; semantic_shift.ipynb: zero-shot, shift
-    assert text.count("<img") == 6
-    # results table (fg_only): full old = 1.4 / 3, finetune mIoU = 0.35
-    assert "0.467" in text and "0.350" in text
-    # forgetting table: finetune square 0.8 - 0.1
-    assert "0.700" in text
+    # forgetting.ipynb: curves, 3 heatmaps, losses; semantic_shift.ipynb: zero-shot, shift
+    assert text.count("<img") == 7
+    # the runs, labelled uniquely, with their tau
+    assert "a/toy_full" in text and "b/toy_full" in text and "tau (with_bg)" in text
+    # summary first: fg_only full old = 1.4 / 3 in both seeds, finetune all = 0.35
+    summary = text.index("Summary: mIoU (%) after the last step")
+    assert summary < text.index("Forgetting curves") < text.index("Per-class IoU")
+    assert "46.7 ± 0.0" in text and "35.0" in text and "with_bg, tau = 0.4" in text
+    # forgetting table: finetune square 0.8 - 0.1, in IoU points
+    assert "70.0" in text
     # zero-shot table: full step 0 mean of (0.2, 0.1); shift table: finetune step 2 drift 0.6
-    assert "0.150" in text and "0.600" in text
+    assert "15.0" in text and "0.600" in text
     assert "Traceback" not in text and "ValueError" not in text
     assert "load_runs" not in text  # no code in the report
+    assert "<script" not in text  # self-contained: no require.js / MathJax from a CDN
     assert 'href="toy.html"' in (report.parent / "index.html").read_text()
 
 
@@ -121,44 +165,99 @@ def test_failed_notebook_raises_one_line_and_keeps_copy(tmp_path):
         )
     nb = nbformat.read(out, as_version=4)
     errors = [o for o in _code_outputs(nb) if o.output_type == "error"]
-    assert len(errors) == 1 and "no metrics/summary.csv" in errors[0].evalue
+    assert len(errors) == 1 and "no run folder" in errors[0].evalue
+    assert "scripts/demo.sh" in errors[0].evalue  # names the command that creates the runs
+
+
+def test_batch_writes_reports_under_run_folders_and_an_index(tmp_path, capsys):
+    good = write_fake_run(tmp_path, "full")
+    bad = write_fake_run(tmp_path, "finetune")
+    shift = pd.read_csv(bad / "metrics" / "shift.csv").drop(columns=["drift_cos"])
+    shift.to_csv(bad / "metrics" / "shift.csv", index=False)
+    index = tmp_path / "index" / "batch.html"
+    rc = cli.main(["batch", "semantic_shift", str(good), str(bad), "--index", str(index)])
+    assert rc == 1  # one target failed; the other still ran
+    html = (good / "reports" / "semantic_shift.html").read_text()
+    assert html.count("<img") == 2 and "<script" not in html
+    assert (good / "reports" / "semantic_shift.ipynb").is_file()
+    assert not (bad / "reports" / "semantic_shift.html").exists()
+    page = index.read_text()
+    assert 'href="../toy_full/reports/semantic_shift.html"' in page
+    assert 'href="../toy_finetune/reports/semantic_shift.ipynb"' in page  # the traceback copy
+    assert "failed: semantic_shift.ipynb failed in cell" in page and "drift_cos" in page
+    out = capsys.readouterr().out
+    assert "[1/2] semantic_shift" in out and "(1 ok, 1 failed)" in out
 
 
 # ---------------------------------------------------------------------------------- engine
 @pytest.fixture(scope="module")
 def scenario_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """run_scenario.ipynb as JupyterLab runs it: the kernel starts in notebooks/, the params file
+    is given by name, the run folder relative; CISSLIB_HOME is a project of the test's own."""
     pytest.importorskip("cisslib.api")
-    root = tmp_path_factory.mktemp("scenario")
-    out = workbook.execute_notebook(
-        "run_scenario",
-        root / "run_scenario.ipynb",
-        {"params_file": "params/smoke.yaml", "out_dir": str(root / "run"), "steps": [0, 1]},
-        cwd=NOTEBOOKS.parent,
-        execution_timeout=CELL_TIMEOUT,
-    )
-    return out, root / "run"
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(paths.HOME_ENV, str(home))  # the kernel inherits it
+        out = workbook.execute_notebook(
+            "run_scenario",
+            home / "run_scenario.ipynb",
+            {"params_file": "smoke", "out_dir": "outputs/run", "steps": [1, 0], "resume": False},
+            cwd=NOTEBOOKS,
+            execution_timeout=CELL_TIMEOUT,
+        )
+    return out, home / "outputs" / "run"
 
 
 def test_run_scenario_notebook(scenario_run, tmp_path):
     out, run_dir = scenario_run
-    assert (run_dir / "metrics" / "summary.csv").is_file()
+    assert (run_dir / "metrics" / "summary.csv").is_file()  # the project's outputs/
     assert (run_dir / "checkpoints" / "step1.pt").is_file()
+    assert not (NOTEBOOKS / "outputs").exists()  # never next to the notebooks
     html = workbook.export_html(out, tmp_path / "run.html").read_text()
-    assert "<img" in html and "mIoU_old" in html and "Traceback" not in html
+    assert "<img" in html and "mIoU_old (%)" in html and "Traceback" not in html
+    streams = "".join(o.get("text", "") for o in _code_outputs(nbformat.read(out, 4)))
+    assert "eval step 1 fg_only" in streams  # one line per step and evaluation, no bar
+    assert " it 8/8 " not in streams and "it/s]" not in streams
 
 
-def test_explorer_notebook(scenario_run, tmp_path):
+def test_run_scenario_rerun_resumes_or_refuses(scenario_run, tmp_path, monkeypatch):
+    from cisslib.api import parse_steps, run
+
+    _, run_dir = scenario_run
+    monkeypatch.setenv(paths.HOME_ENV, str(run_dir.parent.parent))
+    out = workbook.execute_notebook(  # the notebook's default: resume=True
+        "run_scenario", tmp_path / "again.ipynb",
+        {"params_file": "smoke", "out_dir": "outputs/run"}, cwd=NOTEBOOKS,
+        execution_timeout=CELL_TIMEOUT,
+    )  # fmt: skip
+    streams = "".join(o.get("text", "") for o in _code_outputs(nbformat.read(out, 4)))
+    assert "step 0: already complete" in streams and "step 1: already complete" in streams
+    with pytest.raises(ValueError, match=r"already holds results .*resume=True \(--resume\)"):
+        run("smoke", out="outputs/run")
+    assert parse_steps([2, 1]) == (1, 2)
+    with pytest.raises(ValueError, match=r"steps \[0, 2\]: not consecutive"):
+        parse_steps([0, 2])
+
+
+def test_explorer_notebook_is_static_under_papermill(scenario_run, tmp_path):
     _, run_dir = scenario_run
     out = workbook.execute_notebook(
         "explorer",
         tmp_path / "explorer.ipynb",
-        {"run_dir": str(run_dir)},
+        {"run_dir": str(run_dir), "images": 2},
         cwd=tmp_path,
         execution_timeout=CELL_TIMEOUT,
     )
-    outputs = _code_outputs(nbformat.read(out, as_version=4))
+    nb = nbformat.read(out, as_version=4)
+    outputs = _code_outputs(nb)
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    # no widget at all: nothing for nbclient's Output-widget mimic to sync (the stall's cause)
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.data]
+    assert "widgets" not in nb.metadata
+    (gallery,) = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert gallery.count("data:image/png;base64,") == 4  # 2 steps x 2 images
+    html = workbook.export_html(out, tmp_path / "explorer.html").read_text()
+    assert html.count("<img") == 4 and "step 1  image 1" in html
 
 
 def test_cell_timeout_stops_a_hung_cell_and_leaves_no_copy(tmp_path):

@@ -63,10 +63,30 @@ def test_load_runs_missing_column_names_file(tmp_path):
 
 
 def test_load_runs_duplicate_run_names(tmp_path):
-    a = write_fake_run(tmp_path / "a", "full", run="same")
-    b = write_fake_run(tmp_path / "b", "finetune", run="same")
-    with pytest.raises(ValueError, match="run name 'same' appears in both"):
-        plots.load_runs([a, b])
+    from cisslib import runs as run_tables
+
+    a = write_fake_run(tmp_path / "demo", "full", run="full")
+    b = write_fake_run(tmp_path / "demo_real", "full", run="full")
+    with pytest.raises(ValueError, match="run name 'full' appears in both"):
+        run_tables.load_runs([a, b])
+    d = plots.load_runs([a, b, a])  # the report relabels (and reads a folder once)
+    assert list(d["runs"]["run"]) == ["demo/full", "demo_real/full"]
+    for key in ("summary", "per_class", "zero_shot", "shift", "losses"):
+        assert set(d[key]["run"]) == {"demo/full", "demo_real/full"}, key
+    assert len(d["summary"]) == 12
+    assert d["summary"].attrs["tau"] == {"demo/full": 0.4, "demo_real/full": 0.4}
+    fig = plots.forgetting_curves(d["summary"])
+    assert len(_data_lines(fig.axes[0])) == 2  # two lines, not one merged line
+
+
+def test_unique_labels_keep_distinct_names():
+    from cisslib.report.loading import unique_labels
+
+    folders = [Path("/x/a/run"), Path("/x/b/run"), Path("/x/c/other")]
+    assert unique_labels(["run", "run", "other"], folders) == ["a/run", "b/run", "other"]
+    assert unique_labels(["same", "same"], [Path("/p/x"), Path("/p/y")]) == [
+        "x (same)", "y (same)"
+    ]  # fmt: skip
 
 
 def test_absent_probes_give_notes_not_crashes(tmp_path, runs):
@@ -146,6 +166,48 @@ def test_probe_tables_hand_numbers(data):
     assert s.loc[("toy_full", 1, True), "drift_cos"] == pytest.approx(0.9)
 
 
+def test_summary_table_mean_std_over_seeds(tmp_path):
+    a = write_fake_run(tmp_path, "full", run="full_s0", seed=0)
+    b = write_fake_run(tmp_path, "full", run="full_s1", seed=1)
+    summary = pd.read_csv(b / "metrics" / "summary.csv")
+    summary.loc[(summary["step"] == 2) & (summary["convention"] == "fg_only"), "mIoU_new"] = 0.5
+    summary.to_csv(b / "metrics" / "summary.csv", index=False)
+    c = write_fake_run(tmp_path, "finetune", seed=0)
+    t = plots.summary_table(plots.load_runs([a, b, c])["summary"])
+    assert list(t.index) == ["full", "finetune"]
+    full = t.loc["full"]
+    assert full[("", "runs")] == 2 and full[("", "seeds")] == "0, 1"
+    assert full[("fg_only", "old")] == "46.7 ± 0.0"  # 1.4 / 3 in both seeds
+    # new: 0.3 and 0.5 -> mean 40.0, sample std sqrt(2 * 10^2 / 1) = 14.1
+    assert full[("fg_only", "new")] == "40.0 ± 14.1"
+    assert full[("with_bg, tau = 0.4", "all")] == "44.0 ± 0.0"  # (0.9 + 0.5 + 0.3 + 0.1 + 0.4) / 5
+    assert t.loc["finetune", ("fg_only", "all")] == "35.0"  # one run: no ± part
+    html = plots.styled(t, plots.summary_note(summary.assign(run="x"))).to_html()
+    assert "with_bg, tau = 0.4" in html and "mean ± std" in html
+
+
+def test_summary_table_keeps_runs_with_the_same_seed_apart(tmp_path):
+    a = write_fake_run(tmp_path / "demo", "full", run="full")
+    b = write_fake_run(tmp_path / "demo_real", "full", run="full")
+    t = plots.summary_table(plots.load_runs([a, b])["summary"])
+    assert list(t.index) == ["demo/full", "demo_real/full"]  # not averaged as if seeds
+
+
+def test_styled_shows_iou_in_percent(data):
+    t = plots.results_table(data["summary"], "fg_only")
+    html = plots.styled(t, plots.convention_note("fg_only")).to_html()
+    assert "46.7" in html and "0.467" not in html  # full mIoU_old = 1.4 / 3
+    assert "mIoU_old (%)" in html and "n_runs (%)" not in html
+    assert "fg_only: every pixel is the argmax over the seen classes" in html
+    shift = plots.styled(plots.shift_table(data["shift"])).to_html()
+    assert "0.900" in shift  # cosines stay as they are
+    note = plots.convention_note("with_bg", data["summary"])
+    assert note.startswith("with_bg (tau = 0.4)")
+    assert plots.convention_note("with_bg", {"a": 0.4, "b": 0.5}).startswith(
+        "with_bg (tau = 0.4 (a), 0.5 (b))"
+    )
+
+
 def test_bad_convention_is_one_line(data):
     with pytest.raises(ValueError, match="convention 'bg' unknown"):
         plots.results_table(data["summary"], "bg")
@@ -155,13 +217,19 @@ def test_bad_convention_is_one_line(data):
 def test_forgetting_curves(data):
     fig = plots.forgetting_curves(data["summary"], "fg_only")
     assert len(fig.axes) == 4
-    assert [ax.get_title() for ax in fig.axes] == ["mIoU_base", "mIoU_old", "mIoU_new", "mIoU"]
+    titles = [ax.get_title().split("\n")[0] for ax in fig.axes]
+    assert titles == ["mIoU_base", "mIoU_old", "mIoU_new", "mIoU"]
     for ax in fig.axes:
         assert len(_data_lines(ax)) == 2
-    # mIoU_new of finetune: 0.7 (mean of 0.6, 0.8), 0.7, 0.9
+        assert ax.get_ylim() == (0, 100)
+    # mIoU_new of finetune in %: 70 (mean of 0.6, 0.8), 70, 90
     line = next(ln for ln in fig.axes[2].lines if ln.get_label().startswith("toy_finetune"))
-    np.testing.assert_allclose(line.get_ydata(), [0.7, 0.7, 0.9])
+    np.testing.assert_allclose(line.get_ydata(), [70, 70, 90])
     np.testing.assert_allclose(line.get_xdata(), [0, 1, 2])
+    assert fig.axes[0].get_ylabel() == "mIoU (%), fg_only"
+    assert "argmax over the seen classes" in fig._supxlabel.get_text()
+    wb = plots.forgetting_curves(data["summary"], "with_bg")
+    assert wb.axes[0].get_ylabel() == "mIoU (%), with_bg, tau = 0.4"
 
 
 def test_per_class_heatmap(data):
@@ -172,10 +240,12 @@ def test_per_class_heatmap(data):
         "1: circle", "2: square", "3: triangle", "4: star"
     ]  # fmt: skip
     grid = np.ma.filled(ax.collections[0].get_array().astype(float), np.nan).reshape(4, 3)
-    np.testing.assert_allclose(grid[0], [0.6, 0.3, 0.2])
-    assert np.isnan(grid[3, 0]) and np.isnan(grid[3, 1]) and grid[3, 2] == pytest.approx(0.9)
+    np.testing.assert_allclose(grid[0], [60, 30, 20])
+    assert np.isnan(grid[3, 0]) and np.isnan(grid[3, 1]) and grid[3, 2] == pytest.approx(90)
+    assert fig.axes[1].get_ylabel() == "IoU (%)"
     wb = plots.per_class_heatmap(data["per_class"], "toy_full", "with_bg")
     assert len(wb.axes[0].get_yticklabels()) == 5
+    assert wb.axes[0].get_title() == "toy_full: per-class IoU (%), with_bg, tau = 0.4"
     with pytest.raises(ValueError, match=r"run 'nope' not in per_class table; available"):
         plots.per_class_heatmap(data["per_class"], "nope", "fg_only")
 
@@ -186,7 +256,8 @@ def test_zero_shot_curves(data):
     lines = _data_lines(fig.axes[0])
     assert len(lines) == 2
     full = next(ln for ln in lines if ln.get_label().startswith("toy_full"))
-    np.testing.assert_allclose(full.get_ydata(), [0.15, 0.3])
+    np.testing.assert_allclose(full.get_ydata(), [15, 30])
+    assert fig.axes[0].get_ylabel() == "mean IoU of future classes (%), fg_only"
 
 
 def test_semantic_shift_plots(data):
@@ -228,6 +299,29 @@ def test_palette_and_colorize():
     assert tuple(rgb[1, 1]) == (255, 255, 255) and tuple(rgb[0, 0]) == (0, 0, 0)
     assert tuple(rgb[0, 1]) == tuple(pal[1])
     assert len({tuple(c) for c in plots.palette(150)[1:151]}) == 150
+
+
+def test_toy_classes_are_drawn_in_their_colours():
+    from cisslib.data.toyworld import TOY_CLASSES, TOY_COLOURS
+
+    names = ["green circle", "green ring", "red cross", "yellow bar"]
+    pal = plots.class_palette(names)
+    assert tuple(pal[1]) == TOY_COLOURS["green"]  # circle: the colour itself
+    r, g, b = (int(v) for v in pal[2])  # ring: lighter green, still green
+    assert g > r and g > b and g >= TOY_COLOURS["green"][1]
+    assert tuple(pal[3]) == tuple(round(0.8 * v) for v in TOY_COLOURS["red"])  # cross: darker
+    assert len({tuple(pal[k]) for k in range(1, 5)}) == 4
+    full = plots.class_palette(TOY_CLASSES)
+    assert len({tuple(full[k]) for k in range(1, 21)}) == 20  # every toy class distinct
+    for k, name in enumerate(TOY_CLASSES, start=1):  # the dominant channel is the colour's
+        want = int(np.argmax(TOY_COLOURS[name.split()[0]]))
+        assert int(np.argmax(full[k])) == want, name
+    other = plots.class_palette(["aeroplane", "bicycle"])
+    np.testing.assert_array_equal(other, plots.palette(2))
+    image = np.zeros((2, 2, 3), np.uint8)
+    labels = np.array([[0, 1], [2, 255]])
+    fig = plots.show_example(image, labels, labels, None, ["green circle", "green ring"])
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array()[0, 1], TOY_COLOURS["green"])
 
 
 def test_show_example():

@@ -31,7 +31,7 @@ class RunConfig:
     num_workers: int = 2  # SPEC 4: 2 dataloader workers
     log_every: int = 20  # one log line per this many iterations
     checkpoint_every: int = 200  # resumable checkpoint inside a step every N iterations (0 = off)
-    progress: str = "auto"  # auto (tqdm when stderr is a terminal) | bar | log
+    progress: str = "auto"  # auto (tqdm in a terminal or JupyterLab, lines in batch) | bar | log
     # speed (issue 13): nothing here changes a CPU fp32 run's numbers at its default
     # intra-op CPU threads: auto (OMP_NUM_THREADS if set; 1 for models < 5 M parameters; else
     # the cores the workers leave on CUDA, torch's default on CPU) | N. See README "Speed".

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from cisslib.metrics.continual import CONTINUAL_INPUTS, continual_tables
 from cisslib.model import freeze, frozen_encoder_copy, load_segmenter_weights
 from cisslib.model.clip import clip_geometry
 from cisslib.runs import DERIVED_TABLES, TABLES, RunDir, RunFolderError, Table, setup_logging
+from cisslib.session import log_to_console, show_bar
 
 log = logging.getLogger("cisslib")
 
@@ -96,10 +96,9 @@ class Runner:
                 f"{world} processes; pick a multiple"
             )
         main = self.runtime.dist.main
-        progress = cfg.run.progress
-        self.bar = main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
+        self.bar = main and show_bar(cfg.run.progress)  # terminal / notebook / batch: session.py
         if main:
-            setup_logging(None, to_console=not self.bar)  # log.txt once the run starts
+            setup_logging(None, to_console=log_to_console(cfg.run.progress))  # log.txt: at start
         seed_everything(cfg.run.seed)
         self._prepare_data()
         self.clip = build.build_clip(cfg)
@@ -202,7 +201,7 @@ class Runner:
     def _start(self) -> None:
         """The run starts: the config and the log (with what was logged so far) are written."""
         if self.runtime.dist.main:
-            setup_logging(self.run.log, to_console=not self.bar)
+            setup_logging(self.run.log, to_console=log_to_console(self.cfg.run.progress))
             save_config(self.cfg, self.run.config)
         self.started = True
 

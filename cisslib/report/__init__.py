@@ -1,30 +1,34 @@
 """Reports: tables and figures from run folders, the papermill workbook, the explorer widget.
 
-Notebooks use ``from cisslib import report`` and call ``report.load_runs``, the table functions
-(``report.results_table`` ...) and the figure functions (``report.forgetting_curves`` ...).
+Notebooks use ``from cisslib import report`` and call ``report.load_runs`` (unique run labels,
+tau per run), ``report.summary_table`` and the other table functions, ``report.styled`` (IoU in
+percent) and the figure functions (``report.forgetting_curves`` ...).
 """
 
+from cisslib.report.examples import class_palette, colorize, palette, show_example
 from cisslib.report.figures import (
-    colorize,
     forgetting_curves,
     loss_curves,
-    palette,
     per_class_heatmap,
     semantic_shift_plots,
-    show_example,
     zero_shot_curves,
 )
+from cisslib.report.loading import load_runs
 from cisslib.report.tables import (
+    convention_note,
     forgetting_table,
     results_table,
     shift_table,
     styled,
+    summary_note,
+    summary_table,
     zero_shot_table,
 )
-from cisslib.runs import load_runs
 
 __all__ = [
+    "class_palette",
     "colorize",
+    "convention_note",
     "forgetting_curves",
     "forgetting_table",
     "load_runs",
@@ -36,6 +40,8 @@ __all__ = [
     "shift_table",
     "show_example",
     "styled",
+    "summary_note",
+    "summary_table",
     "zero_shot_curves",
     "zero_shot_table",
 ]

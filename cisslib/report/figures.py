@@ -3,7 +3,8 @@
 Every function is pure: DataFrames in, a ``matplotlib.figure.Figure`` out. Figures are built with
 ``Figure()`` rather than ``pyplot``, so nothing is kept alive by pyplot and a notebook shows each
 figure exactly once (when it is the value of a cell). Seaborn provides the styling, applied
-locally (no global ``set_theme``).
+locally (no global ``set_theme``). IoU is plotted in percent; axes name the background convention
+and, for ``with_bg``, tau (``df.attrs["tau"]`` from :func:`cisslib.report.load_runs`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,10 +20,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
-from cisslib.constants import VOID
-from cisslib.report.tables import check_columns, check_convention, shift_table, zero_shot_table
+from cisslib.report.tables import (
+    check_columns,
+    check_convention,
+    convention_label,
+    convention_note,
+    shift_table,
+    zero_shot_table,
+)
 
 
 def _enable_inline_figures() -> None:
@@ -39,7 +46,12 @@ def _enable_inline_figures() -> None:
 
 _enable_inline_figures()
 
-FORGETTING_METRICS = ("mIoU_base", "mIoU_old", "mIoU_new", "mIoU")
+FORGETTING_METRICS = {
+    "mIoU_base": "base classes (step 0)",
+    "mIoU_old": "old classes (before the step)",
+    "mIoU_new": "new classes (of the step)",
+    "mIoU": "all seen classes",
+}
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -80,30 +92,33 @@ def _colors(keys: Sequence[str]) -> dict[str, tuple]:
 
 # --------------------------------------------------------------------------------------- figures
 def forgetting_curves(summary: pd.DataFrame, convention: str = "fg_only") -> Figure:
-    """mIoU_base / mIoU_old / mIoU_new / mIoU per step: one panel per metric, one line per run."""
+    """mIoU (%) of base / old / new / all classes per step: one panel per metric (titled with the
+    ``FORGETTING_METRICS`` column it plots), one line per run, the convention (and tau) below."""
     check_convention(convention)
     check_columns(summary, "summary")
+    taus = summary.attrs.get("tau")
     s = summary[summary["convention"] == convention].sort_values(["run", "step"])
     if s.empty:
         raise ValueError(f"summary has no rows for convention {convention!r}")
     labels = _labels(s)
     colors = _colors(list(labels))
     fig, axes = _figure(len(FORGETTING_METRICS))
-    for ax, metric in zip(axes[0], FORGETTING_METRICS, strict=True):
+    for ax, (metric, what) in zip(axes[0], FORGETTING_METRICS.items(), strict=True):
         for run, g in s.groupby("run", sort=False):
-            ax.plot(g["step"], g[metric], marker="o", color=colors[run], label=labels[run])
-        ax.set_title(metric)
+            ax.plot(g["step"], 100 * g[metric], marker="o", color=colors[run], label=labels[run])
+        ax.set_title(f"{metric}\n{what}", fontsize="medium")
         ax.set_xlabel("step")
         ax.set_xticks(sorted(s["step"].unique()))
-        ax.set_ylim(0, 1)
-    axes[0, 0].set_ylabel(f"mIoU ({convention})")
+        ax.set_ylim(0, 100)
+    axes[0, 0].set_ylabel(f"mIoU (%), {convention_label(convention, taus)}")
     axes[0, -1].legend(fontsize="small")
+    fig.supxlabel(textwrap.fill(convention_note(convention, taus), 140), fontsize="small")
     return fig
 
 
 def per_class_heatmap(per_class: pd.DataFrame, run: str, convention: str = "fg_only") -> Figure:
-    """IoU of each class (rows, class order) at each step (columns) of one run; blank = not seen
-    yet or no ground-truth pixels."""
+    """IoU (%) of each class (rows, class order) at each step (columns) of one run; blank = not
+    seen yet or no ground-truth pixels."""
     check_convention(convention)
     check_columns(per_class, "per_class")
     runs = sorted(per_class["run"].astype(str).unique())
@@ -112,22 +127,25 @@ def per_class_heatmap(per_class: pd.DataFrame, run: str, convention: str = "fg_o
     p = per_class[(per_class["run"] == run) & (per_class["convention"] == convention)]
     if p.empty:
         raise ValueError(f"run {run!r} has no per-class rows for convention {convention!r}")
-    grid = p.groupby(["class_index", "class_name", "step"])["iou"].mean().unstack("step")
+    grid = 100 * p.groupby(["class_index", "class_name", "step"])["iou"].mean().unstack("step")
     grid = grid.reindex(columns=sorted(p["step"].unique()))
     grid.index = [f"{i}: {n}" for i, n in grid.index]
     fig, axes = _figure(1, width=1.2 + 0.9 * grid.shape[1], height=1.2 + 0.35 * grid.shape[0])
     ax = axes[0, 0]
-    sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=grid.shape[0] <= 40,
-                fmt=".2f", cbar_kws={"label": "IoU"})  # fmt: skip
+    sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=grid.shape[0] <= 40,
+                fmt=".0f", cbar_kws={"label": "IoU (%)"})  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("")
-    ax.set_title(f"{run}: per-class IoU ({convention})")
+    taus = per_class.attrs.get("tau")
+    if isinstance(taus, dict):
+        taus = {run: taus.get(run)}
+    ax.set_title(f"{run}: per-class IoU (%), {convention_label(convention, taus)}")
     return fig
 
 
 def zero_shot_curves(zero_shot: pd.DataFrame) -> Figure:
-    """Mean zero-shot IoU on FUTURE classes vs step, one line per run; a note if the probe is
-    absent."""
+    """Mean zero-shot IoU (%) on FUTURE classes vs step (argmax over every class's text, the
+    fg_only convention), one line per run; a note if the probe is absent."""
     check_columns(zero_shot, "zero_shot")
     if zero_shot.empty:
         return _note_figure(
@@ -139,11 +157,12 @@ def zero_shot_curves(zero_shot: pd.DataFrame) -> Figure:
     fig, axes = _figure(1, width=5.5)
     ax = axes[0, 0]
     for run, g in t.groupby("run", sort=False):
-        ax.plot(g["step"], g["mIoU_future"], marker="o", color=colors[run], label=labels[run])
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean IoU of future classes")
+        ax.plot(g["step"], 100 * g["mIoU_future"], marker="o", color=colors[run],
+                label=labels[run])  # fmt: skip
+    ax.set_xlabel("after step")
+    ax.set_ylabel("mean IoU of future classes (%), fg_only")
     ax.set_xticks(sorted(t["step"].unique()))
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 100)
     ax.legend(fontsize="small")
     note = _missing_note(zero_shot, "zero-shot probe")
     ax.set_title("zero-shot probe" + (f"\n({note})" if note else ""))
@@ -173,7 +192,7 @@ def semantic_shift_plots(shift: pd.DataFrame) -> Figure:
                     label=f"{labels[run]}, {'seen' if seen else 'future'}")  # fmt: skip
         ax.set_title(titles[col], fontsize="medium")
         ax.set_xlabel("step")
-        ax.set_ylabel(col)
+        ax.set_ylabel(f"{col} (cosine)")
         ax.set_xticks(sorted(t["step"].unique()))
     axes[0, -1].legend(fontsize="small")
     note = _missing_note(shift, "shift diagnostics")
@@ -225,103 +244,3 @@ def _global_iter(df: pd.DataFrame) -> np.ndarray:
             out[idx] += shift
             end = out[idx].max()
     return out
-
-
-# --------------------------------------------------------------------------------------- examples
-def palette(n: int) -> np.ndarray:
-    """``(256, 3)`` uint8 colours: 0 black (background), 255 white (void), labels 1..n distinct
-    (the ten strong tab20 colours, their ten light partners, then evenly spaced hues)."""
-    colors = np.zeros((256, 3), dtype=np.uint8)
-    tab20 = sns.color_palette("tab20", 20)
-    # Strong tab20 colours first, then their light partners: neighbouring labels stay distinct.
-    base = [tuple(int(255 * v) for v in c) for c in tab20[0::2] + tab20[1::2]]
-    extra = max(n - 20, 0)
-    hues = (
-        [tuple(int(255 * v) for v in c) for c in sns.color_palette("husl", extra)] if extra else []
-    )
-    for label, c in enumerate(base + hues, start=1):
-        if label >= VOID:
-            break
-        colors[label] = c
-    colors[VOID] = (255, 255, 255)
-    return colors
-
-
-def colorize(labels: np.ndarray, n: int) -> np.ndarray:
-    """``(H, W)`` int labels -> ``(H, W, 3)`` uint8 RGB with :func:`palette`."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"colorize: labels must be (H, W), got shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > VOID):
-        raise ValueError("colorize: labels must lie in 0..255 (255 = void)")
-    return palette(n)[labels.astype(np.int64)]
-
-
-def show_example(
-    image: np.ndarray,
-    gt: np.ndarray,
-    pred: np.ndarray,
-    scores: np.ndarray | None,
-    class_names: Sequence[str],
-    class_index: int | None = None,
-) -> Figure:
-    """Image / ground truth / prediction (and the score map of one class).
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB.
-        gt, pred: ``(H, W)`` int label maps: 0 background, ``k`` = ``class_names[k - 1]``,
-            255 void.
-        scores: ``(C, H, W)`` float scores of the C seen classes (channel ``k - 1`` is label
-            ``k``), or None (three panels only).
-        class_names: names of labels ``1..C`` in label order.
-        class_index: label (1..C) whose score map is shown; default: the most frequent predicted
-            foreground label (else 1).
-    """
-    image = np.asarray(image)
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"show_example: image must be (H, W, 3) uint8, got {image.shape}")
-    if gt.shape != image.shape[:2] or pred.shape != image.shape[:2]:
-        raise ValueError(
-            f"show_example: gt {gt.shape} and pred {pred.shape} must match image {image.shape[:2]}"
-        )
-    n = len(class_names)
-    if scores is not None:
-        scores = np.asarray(scores)
-        if scores.ndim != 3 or scores.shape[1:] != gt.shape or scores.shape[0] != n:
-            raise ValueError(
-                f"show_example: scores must be (C={n}, H, W) matching class_names and image, "
-                f"got {scores.shape}"
-            )
-        if class_index is None:
-            fg = pred[(pred > 0) & (pred <= n)]
-            class_index = int(np.bincount(fg).argmax()) if fg.size else 1
-        if not 1 <= class_index <= n:
-            raise ValueError(f"show_example: class_index {class_index} outside 1..{n}")
-    names = {0: "background", VOID: "void", **{k: c for k, c in enumerate(class_names, 1)}}
-    colors = palette(n)
-    panels = 3 if scores is None else 4
-    fig, axes = _figure(panels, width=3.2, height=3.6)
-    axes = axes[0]
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    axes[1].imshow(colorize(gt, n), interpolation="nearest")
-    axes[1].set_title("ground truth")
-    axes[2].imshow(colorize(pred, n), interpolation="nearest")
-    axes[2].set_title("prediction")
-    if scores is not None:
-        im = axes[3].imshow(scores[class_index - 1], cmap="magma", vmin=0, vmax=1)
-        axes[3].set_title(f"score: {names[class_index]}")
-        fig.colorbar(im, ax=axes[3], fraction=0.046)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.grid(False)
-    present = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
-    handles = [
-        Patch(facecolor=colors[k] / 255.0, edgecolor="0.3", label=f"{k}: {names.get(k, '?')}")
-        for k in present
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
-               fontsize="small")  # fmt: skip
-    return fig

@@ -1,18 +1,24 @@
 """Papermill batch runs of the notebooks, nbconvert HTML export, reports and their index page.
 
-Notebooks are found relative to the package (``<repo>/notebooks``), so this works from any working
-directory. Execution always uses the running interpreter: the ``python3`` kernel is used when it
-resolves to ``sys.executable``; otherwise a kernel spec for this interpreter is written into a
-temporary ``JUPYTER_PATH`` entry for the duration of the call (no global Jupyter setup needed).
+Notebooks are found in the project's ``notebooks/`` (:mod:`cisslib.paths`), so this works from any
+working directory. Execution always uses the running interpreter: the ``python3`` kernel is used
+when it resolves to ``sys.executable``; otherwise a kernel spec for this interpreter is written
+into a temporary ``JUPYTER_PATH`` entry for the duration of the call (no global Jupyter setup).
+
+HTML exports are self-contained: figures are inline PNGs and the template (nbconvert's ``lab``
+minus require.js, MathJax, mermaid and the widget manager, all loaded from a CDN otherwise) holds
+no script, so a report opens offline and behind firewalls without a network request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import html
 import json
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -21,27 +27,36 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+from jinja2 import DictLoader
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbconvert import HTMLExporter
 
-import cisslib
+from cisslib import paths
 from cisslib.files import atomic_write_text
+from cisslib.report.loading import load_runs
+
+
+class NotebookError(RuntimeError):
+    """A notebook cell failed; the message names the cell, the error and the executed copy."""
+
 
 REPORT_NOTEBOOKS = ("forgetting", "semantic_shift")
 INDEX_NAME = "index.html"
 RUNTIME_KERNEL = "cisslib-python"
+REPORT_TEMPLATE = "cisslib_report.html.j2"
+# nbconvert's lab template without anything fetched from the network.
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
 
 
 # --------------------------------------------------------------------------------------- finding
 def notebooks_dir() -> Path:
-    """``<repo>/notebooks`` next to the ``cisslib`` package; error if it is not there."""
-    path = Path(cisslib.__file__).resolve().parent.parent / "notebooks"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path}: notebooks folder not found; cisslib must be installed editable from its "
-            "repository (pip install -e .) for the workbook notebooks to be available"
-        )
-    return path
+    """The project's ``notebooks/`` (see :func:`cisslib.paths.notebooks_dir`)."""
+    return paths.notebooks_dir()
 
 
 def find_notebook(name_or_path: str | os.PathLike) -> Path:
@@ -145,8 +160,8 @@ def execute_notebook(
 
     The executed copy appears at ``out_ipynb`` only when complete. If a cell fails, the partial
     copy (with the traceback) is still moved to ``out_ipynb`` and a one-line ``RuntimeError``
-    names it. ``cwd`` (default: the caller's working directory) is the kernel's directory, against
-    which relative paths among the parameters resolve.
+    names it. ``cwd`` (default: the project root) is the kernel's working directory; the
+    notebooks resolve relative paths among their parameters against the project root anyway.
     """
     src = find_notebook(name_or_path)
     out = Path(out_ipynb)
@@ -164,13 +179,13 @@ def execute_notebook(
                 kernel_name=kernel_name,
                 log_output=log_output,
                 progress_bar=False,
-                cwd=str(cwd) if cwd is not None else os.getcwd(),
+                cwd=str(cwd) if cwd is not None else str(paths.project_root()),
                 execution_timeout=execution_timeout,
             )
     except pm.PapermillExecutionError as err:
         os.replace(tmp, out)
         _readable(out)
-        raise RuntimeError(
+        raise NotebookError(
             f"{src.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
             f"(executed copy with the traceback: {out})"
         ) from None
@@ -183,8 +198,14 @@ def execute_notebook(
 
 
 # --------------------------------------------------------------------------------------- export
-def _html_exporter(no_input: bool):
-    exporter = HTMLExporter()
+def _html_exporter(no_input: bool) -> HTMLExporter:
+    """nbconvert's HTML exporter with the self-contained template (no script, no CDN)."""
+    exporter = HTMLExporter(
+        template_name="lab",
+        extra_loaders=[DictLoader({REPORT_TEMPLATE: _TEMPLATE})],
+        template_file=REPORT_TEMPLATE,
+        embed_images=True,
+    )
     if no_input:
         exporter.exclude_input = True
         exporter.exclude_input_prompt = True
@@ -198,7 +219,8 @@ def export_html(
     no_input: bool = True,
     title: str | None = None,
 ) -> Path:
-    """Export an (executed) notebook, or a notebook node, to a standalone HTML file atomically.
+    """Export an (executed) notebook, or a notebook node, to a self-contained HTML file (inline
+    images, no script, no network request) atomically.
 
     ``no_input=True`` hides code cells and prompts (figures, tables and markdown remain).
     """
@@ -212,7 +234,9 @@ def export_html(
         nb = nbformat.read(path, as_version=4)
         default_title = path.stem
     title = title or default_title
+    nb = copy.deepcopy(nb)
     nb.metadata["title"] = title
+    nb.metadata.pop("widgets", None)  # widget state needs the CDN widget manager to show
     body, _ = _html_exporter(no_input).from_notebook_node(
         nb, resources={"metadata": {"name": title}}
     )
@@ -231,6 +255,31 @@ def _merge(notebooks: Sequence[nbformat.NotebookNode], header: str) -> nbformat.
     return merged
 
 
+def _given_folder(path: str | os.PathLike) -> Path:
+    """A folder named on a command line: as given when it exists, else under the project root."""
+    p = Path(path).expanduser()
+    return (p if p.exists() else paths.in_project(p)).resolve()
+
+
+def report_header(title: str, dirs: Sequence[Path]) -> str:
+    """Markdown heading of a report: title, when and where generated, the runs (label, preset,
+    seed, tau, folder)."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    host = html.escape(platform.node() or "this machine")
+    lines = [
+        f"# {html.escape(title)}",
+        "",
+        f"Generated {stamp} on {host} from {len(dirs)} run folder(s). IoU values are in percent.",
+        "",
+        "| run | preset | seed | tau (with_bg) | folder |",
+        "|---|---|---|---|---|",
+    ]
+    for r in load_runs(dirs)["runs"].itertuples(index=False):
+        tau = "–" if r.tau is None or r.tau != r.tau else f"{r.tau:g}"
+        lines.append(f"| {r.run} | {r.preset} | {r.seed} | {tau} | `{r.folder}` |")
+    return "\n".join(lines) + "\n"
+
+
 def build_report(
     run_dirs: str | os.PathLike | Iterable[str | os.PathLike],
     out_html: str | os.PathLike,
@@ -245,9 +294,7 @@ def build_report(
     The executed notebooks are kept beside it in ``<stem>_notebooks/``; with ``index=True`` the
     folder's ``index.html`` (a list of its reports) is rewritten.
     """
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    dirs = [Path(d).resolve() for d in run_dirs]
+    dirs = [_given_folder(d) for d in paths.as_list(run_dirs)]
     if not dirs:
         raise ValueError("build_report: no run folder given; pass at least one run directory")
     for d in dirs:
@@ -268,9 +315,7 @@ def build_report(
         ),
         execute_notebook("semantic_shift", work / "semantic_shift.ipynb", params, kernel),
     ]
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    runs = "\n".join(f"- `{d}`" for d in dirs)
-    header = f"# {title}\n\nGenerated {stamp} from {len(dirs)} run folder(s):\n\n{runs}\n"
+    header = report_header(title, dirs)
     merged = _merge([nbformat.read(p, as_version=4) for p in executed], header)
     export_html(merged, out, no_input=True, title=title)
     if index:
