@@ -11,9 +11,17 @@ import numpy as np
 import torch
 
 from cisslib.config import Config, ConfigError, StepSchedule
-from cisslib.data.sources import ADE20KSegmentation, VOCSegmentation, resolve_data_root
+from cisslib.data.membership import class_membership
+from cisslib.data.sources import (
+    ADE20KSegmentation,
+    DatasetError,
+    VOCSegmentation,
+    resolve_data_root,
+)
 from cisslib.data.toyworld import ToyWorld
 from cisslib.data.transforms import TestTransform, TrainTransform
+from cisslib.data.validation import validate_source
+from cisslib.engine.evaluator import EvalSettings
 from cisslib.losses import CISSCriterion, LossWeights
 from cisslib.model import (
     CLIP_MEAN,
@@ -54,6 +62,62 @@ def build_sources(cfg: Config) -> tuple[Any, Any]:
     root = resolve_data_root(sc.data_root)
     cls = VOCSegmentation if sc.dataset == "voc" else ADE20KSegmentation
     return cls(root, split="train"), cls(root, split="val")
+
+
+#: Items checked by ``scenario.validate: sample`` per split.
+VALIDATE_SAMPLE = 200
+
+
+@dataclass
+class RunData:
+    """The data of a run: sources, scenario, class names (label order), class membership."""
+
+    train_source: Any
+    val_source: Any
+    scenario: Scenario
+    class_names: list[str]
+    membership: np.ndarray
+
+
+def build_run_data(cfg: Config, progress: bool = False) -> RunData:
+    """Sources, scenario, class names, the data checks of ``scenario.validate`` and the
+    class-membership matrix (scanned once, cached); every step must have training images."""
+    train, val = build_sources(cfg)
+    scenario = build_scenario(cfg, len(train.class_names))
+    class_names = scenario.label_names(train.class_names)
+    for source in (train, val):
+        if len(source) == 0:
+            raise DatasetError(
+                f"{source.name}/{source.split} has no items; check the data root and split lists"
+            )
+    mode = cfg.scenario.validate
+    if mode != "off" and cfg.scenario.dataset != "toy":
+        for source in (train, val):
+            if mode == "full":
+                validate_source(source, check_all=True, progress=progress)
+            else:
+                validate_source(source, sample=min(VALIDATE_SAMPLE, len(source)), progress=progress)
+    membership = class_membership(train, num_workers=max(1, cfg.run.num_workers), progress=progress)
+    for t in range(scenario.n_steps):
+        if not len(scenario.train_indices(membership, t)):
+            names = [train.class_names[c - 1] for c in scenario.step_classes(t)]
+            raise DatasetError(
+                f"step {t}: no training image of {train.name}/train holds its "
+                f"classes {names} ({cfg.scenario.mode} mode); check the data root, the "
+                "split list and scenario.setting"
+            )
+    return RunData(train, val, scenario, class_names, membership)
+
+
+def build_eval_settings(cfg: Config, num_workers: int) -> EvalSettings:
+    """The evaluator's settings from the ``eval`` keys."""
+    e = cfg.eval
+    return EvalSettings(
+        window=e.window, stride=e.stride, tau=e.tau,
+        count_pred_only=e.miou_denominator == "gt_or_pred", max_images=e.max_images,
+        zero_shot_probe=e.zero_shot_probe, shift_diagnostics=e.shift_diagnostics,
+        num_workers=num_workers, calibration_bins=e.calibration_bins,
+    )  # fmt: skip
 
 
 def build_scenario(cfg: Config, num_classes: int) -> Scenario:

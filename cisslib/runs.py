@@ -107,6 +107,19 @@ def default_run_name(
     return f"{stem}_{preset}"
 
 
+def run_meta(cfg) -> dict:
+    """The columns that label every table row of a run (``cfg``: its resolved config)."""
+    sc = cfg.scenario
+    return {
+        "run": cfg.run.name,
+        "preset": cfg.run.preset,
+        "dataset": sc.dataset,
+        "setting": "joint" if sc.joint else sc.setting,
+        "mode": sc.mode,
+        "seed": cfg.run.seed,
+    }
+
+
 class RunDir:
     """Paths of one run folder."""
 

@@ -1,70 +1,49 @@
-"""The results table of the toy comparison, from summary tables built by hand."""
+"""The grid's aggregation and results document (from metric tables built by hand) and the
+joint preset's budget."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from cisslib.jobs import joint_rows, results_markdown
+from cisslib.report import grid
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
-def _summary(preset: str, steps: int, old: float, new: float, all_: float) -> pd.DataFrame:
+def _metrics(values: dict[str, list[float]]) -> pd.DataFrame:
+    """A long metrics table: preset -> final_all values of its runs (fg_only, one params)."""
     rows = []
-    for step in range(steps):
-        for conv, shift in (("fg_only", 0.0), ("with_bg", 0.1)):
-            last = step == steps - 1
-            rows.append(
-                {
-                    "run": preset,
-                    "preset": preset,
-                    "step": step,
-                    "convention": conv,
-                    "mIoU": all_ + shift if last else 0.9,
-                    "mIoU_base": 0.5,
-                    "mIoU_novel": 0.25,
-                    "mIoU_old": old + shift if last else 0.9,
-                    "mIoU_new": new if last else 0.9,
-                }
-            )
+    for preset, vals in values.items():
+        for seed, v in enumerate(vals):
+            for metric, value in (("final_all", v), ("final_old", v / 2)):
+                rows.append({"params": "toy", "preset": preset, "orders": "identity",
+                             "seed": seed, "convention": "fg_only", "metric": metric,
+                             "value": value})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def test_results_markdown_reports_the_last_step_per_preset():
-    per_class = pd.DataFrame(
-        {
-            "run": "joint",
-            "preset": "joint",
-            "step": 0,
-            "convention": "fg_only",
-            "class_index": [1, 2, 3, 4],
-            "iou": [0.5, 0.7, 0.2, float("nan")],
-        }
-    )
-    joint = joint_rows(per_class, base=2)
-    frames = [_summary("full", 3, 0.6, 0.2, 0.5), _summary("finetune", 3, 0.1, 0.4, 0.2), joint]
-    zs = pd.DataFrame(
-        {
-            "run": "full",
-            "preset": "full",
-            "step": [0, 0, 1],
-            "class_index": [19, 20, 20],
-            "class_name": "x",
-            "step_added": [1, 2, 2],
-            "iou": [0.2, 0.4, 0.5],
-        }
-    )
-    text = results_markdown(frames, [zs], [42], "T")
-    lines = text.splitlines()
-    assert "| full | 60.0 | 20.0 | 50.0 | 70.0 | 20.0 | 60.0 |" in lines
-    assert "| finetune | 10.0 | 40.0 | 20.0 | 20.0 | 40.0 | 30.0 |" in lines
-    # joint: old = labels 1..2 (0.6), new = label 3 (label 4 has no GT), all = mean of 3 -> 0.4667
-    assert "| joint | 60.0 | 20.0 | 46.7 | n/a | n/a | n/a |" in lines
-    # zero-shot: mean of future-class IoUs per step (0.3 after step 0, 0.5 after step 1)
-    assert "| full | 30.0 | 50.0 |" in lines
-    assert "Seeds: 42." in text
+def test_aggregate_mean_std_n_and_the_noise_rule_by_hand():
+    m = _metrics({"full": [0.50, 0.52, 0.54], "finetune": [0.30, 0.31, 0.32],
+                  "no_qd": [0.51, 0.55, 0.47]})  # fmt: skip
+    agg = grid.aggregate(m).set_index(["preset", "metric"])
+    assert agg.loc[("full", "final_all"), "mean"] == pytest.approx(0.52)
+    assert agg.loc[("full", "final_all"), "std"] == pytest.approx(0.02)  # ddof 1
+    assert agg.loc[("full", "final_all"), "n"] == 3
+    noise = grid.exceeds_noise(m).set_index("preset")
+    # finetune: -0.21, SE = sqrt(0.01^2/3 + 0.02^2/3) = 0.0129 -> exceeds
+    assert noise.loc["finetune", "difference"] == pytest.approx(-0.21)
+    assert noise.loc["finetune", "se"] == pytest.approx(math.sqrt((1e-4 + 4e-4) / 3))
+    assert bool(noise.loc["finetune", "exceeds"])
+    # no_qd: mean 0.51 (-0.01), std 0.04: SE = sqrt(0.0016/3 + 0.0004/3) = 0.0258 -> within
+    assert not bool(noise.loc["no_qd", "exceeds"])
+    text = grid.markdown(grid.aggregate(m), grid.exceeds_noise(m), "T")
+    assert "| full | 3 | 26.0 ± 1.0 | n/a | 52.0 ± 2.0 |" in text
+    assert "- finetune: -21.0 (SE 1.3): exceeds the noise" in text
+    assert "- no_qd: -1.0 (SE 2.6): within the noise" in text
 
 
 def test_joint_preset_trains_for_an_incremental_runs_total_from_every_entry_point():

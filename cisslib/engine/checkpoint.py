@@ -283,3 +283,12 @@ def forget_stale_resume_point(point: ResumePoint, run: RunDir, done: set[int]) -
         t = max(done)
         state = read_step_state(run.step_checkpoint(t), t)
         compare_settings(state.get("compute"), f"step {t}'s checkpoint")
+
+
+def read_reference_prototypes(path: str | Path) -> torch.Tensor:
+    """The original CLIP's class prototypes saved by an earlier part of the run."""
+    fix = "delete it (it is recomputed from the original CLIP) and --resume"
+    protos = read_torch(path, fix=fix, error=RunFolderError)
+    if not isinstance(protos, torch.Tensor):
+        raise RunFolderError(f"{path} holds no prototype tensor; {fix}")
+    return protos

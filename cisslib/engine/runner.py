@@ -30,10 +30,7 @@ from tqdm.auto import tqdm
 from cisslib import build
 from cisslib.config import Config, ConfigError, save_config, to_dict
 from cisslib.config.validation import validate_model
-from cisslib.data.membership import class_membership
-from cisslib.data.sources import DatasetError
 from cisslib.data.step_dataset import StepDataset
-from cisslib.data.validation import validate_source
 from cisslib.engine.checkpoint import (
     BestState,
     Resumed,
@@ -41,13 +38,14 @@ from cisslib.engine.checkpoint import (
     apply_rng,
     check_step_checkpoints,
     forget_stale_resume_point,
+    read_reference_prototypes,
     restore_rows,
     save_step_checkpoint,
     step_fix,
 )
 from cisslib.engine.cost import StepCost
 from cisslib.engine.data_order import train_loader
-from cisslib.engine.evaluator import EvalResult, EvalSettings, Evaluator
+from cisslib.engine.evaluator import EvalResult, Evaluator
 from cisslib.engine.optim import make_optimizer
 from cisslib.engine.runtime import (
     Runtime,
@@ -61,13 +59,18 @@ from cisslib.files import atomic_torch_save, read_torch
 from cisslib.metrics.continual import CONTINUAL_INPUTS, continual_tables
 from cisslib.model import freeze, frozen_encoder_copy, load_segmenter_weights
 from cisslib.model.clip import clip_geometry
-from cisslib.runs import DERIVED_TABLES, TABLES, RunDir, RunFolderError, Table, setup_logging
+from cisslib.runs import (
+    DERIVED_TABLES,
+    TABLES,
+    RunDir,
+    RunFolderError,
+    Table,
+    run_meta,
+    setup_logging,
+)
 from cisslib.session import log_to_console, show_bar
 
 log = logging.getLogger("cisslib")
-
-#: Items checked by ``scenario.validate: sample`` per split.
-VALIDATE_SAMPLE = 200
 
 
 class Runner:
@@ -100,7 +103,13 @@ class Runner:
         if main:
             setup_logging(None, to_console=log_to_console(cfg.run.progress))  # log.txt: at start
         seed_everything(cfg.run.seed)
-        self._prepare_data()
+        data = build.build_run_data(cfg, progress=self.bar)
+        self.train_source, self.val_source = data.train_source, data.val_source
+        self.scenario, self.class_names, self.membership = (
+            data.scenario,
+            data.class_names,
+            data.membership,
+        )
         self.clip = build.build_clip(cfg)
         n_params = sum(p.numel() for p in self.clip.model.visual.parameters())
         self.threads = plan_threads(
@@ -112,74 +121,22 @@ class Runner:
         self.text = build.build_text(cfg, self.clip, self.train_source.class_names, self.scenario)
         self.train_transform, test_transform = build.build_transforms(cfg, self.runtime.device.type)
         self.criterion = build.build_criterion(cfg)
-        self.meta = {
-            "run": cfg.run.name,
-            "preset": cfg.run.preset,
-            "dataset": cfg.scenario.dataset,
-            "setting": "joint" if cfg.scenario.joint else cfg.scenario.setting,
-            "mode": cfg.scenario.mode,
-            "seed": cfg.run.seed,
-        }
-        e = cfg.eval
-        settings = EvalSettings(
-            window=e.window, stride=e.stride, tau=e.tau,
-            count_pred_only=e.miou_denominator == "gt_or_pred", max_images=e.max_images,
-            zero_shot_probe=e.zero_shot_probe, shift_diagnostics=e.shift_diagnostics,
-            num_workers=self.threads.workers, calibration_bins=e.calibration_bins,
-        )  # fmt: skip
+        self.meta = run_meta(cfg)
         self.evaluator = Evaluator(
             self.scenario, self.text, self.class_names, self.val_source, test_transform,
-            settings, self.runtime, self.meta,
+            build.build_eval_settings(cfg, self.threads.workers), self.runtime, self.meta,
         )  # fmt: skip
         self.resume_point = ResumePoint(self.run.last_checkpoint, enabled=main)
         self._ref_protos: torch.Tensor | None = None
         path = self.run.reference_prototypes
         if resume and path.is_file():  # decided at start-up, identically on every rank
-            fix = "delete it (it is recomputed from the original CLIP) and --resume"
-            self._ref_protos = read_torch(path, fix=fix, error=RunFolderError)
-            if not isinstance(self._ref_protos, torch.Tensor):
-                raise RunFolderError(f"{path} holds no prototype tensor; {fix}")
+            self._ref_protos = read_reference_prototypes(path)
         self.tables = {
             name: Table(self.run.table(name), cols, enabled=main) for name, cols in TABLES.items()
         }
         if cfg.model.init_weights and not self.run.step_checkpoint(0).is_file():
             with torch.random.fork_rng(devices=[]):  # the run's random draws stay as they were
                 load_segmenter_weights(self._new_model(), cfg.model.init_weights)
-
-    def _prepare_data(self) -> None:
-        """Sources, scenario, class names, data checks and the class-membership matrix."""
-        cfg = self.cfg
-        self.train_source, self.val_source = build.build_sources(cfg)
-        self.scenario = build.build_scenario(cfg, len(self.train_source.class_names))
-        self.class_names = self.scenario.label_names(self.train_source.class_names)
-        for source in (self.train_source, self.val_source):
-            if len(source) == 0:
-                raise DatasetError(
-                    f"{source.name}/{source.split} has no items; check the data root and split "
-                    "lists"
-                )
-        mode = cfg.scenario.validate
-        if mode != "off" and cfg.scenario.dataset != "toy":
-            for source in (self.train_source, self.val_source):
-                if mode == "full":
-                    validate_source(source, check_all=True, progress=self.bar)
-                else:
-                    validate_source(
-                        source, sample=min(VALIDATE_SAMPLE, len(source)), progress=self.bar
-                    )
-        self.membership = class_membership(
-            self.train_source, num_workers=max(1, cfg.run.num_workers), progress=self.bar
-        )
-        for t in range(self.scenario.n_steps):
-            if not len(self.scenario.train_indices(self.membership, t)):
-                names = [
-                    self.train_source.class_names[c - 1] for c in self.scenario.step_classes(t)
-                ]
-                raise DatasetError(
-                    f"step {t}: no training image of {self.train_source.name}/train holds its "
-                    f"classes {names} ({cfg.scenario.mode} mode); check the data root, the "
-                    "split list and scenario.setting"
-                )
 
     # ---------------------------------------------------------------- the run
 
