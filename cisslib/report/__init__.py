@@ -5,6 +5,13 @@ tau per run), ``report.summary_table`` and the other table functions, ``report.s
 percent) and the figure functions (``report.forgetting_curves`` ...).
 """
 
+from cisslib.report.diagnostics import (
+    continual_table,
+    cost_table,
+    ece_curves,
+    pixel_flow_chart,
+    reliability_diagram,
+)
 from cisslib.report.examples import class_palette, colorize, palette, show_example
 from cisslib.report.figures import (
     forgetting_curves,
@@ -13,6 +20,7 @@ from cisslib.report.figures import (
     semantic_shift_plots,
     zero_shot_curves,
 )
+from cisslib.report.grid import continual_summary, curves_with_bands
 from cisslib.report.loading import load_runs
 from cisslib.report.tables import (
     convention_note,
@@ -26,6 +34,13 @@ from cisslib.report.tables import (
 )
 
 __all__ = [
+    "continual_summary",
+    "continual_table",
+    "cost_table",
+    "curves_with_bands",
+    "ece_curves",
+    "pixel_flow_chart",
+    "reliability_diagram",
     "class_palette",
     "colorize",
     "convention_note",

@@ -150,6 +150,24 @@ def markdown(agg: pd.DataFrame, noise: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
+def continual_summary(run_dirs: Iterable[str | Path], convention: str = "fg_only") -> pd.DataFrame:
+    """Presets (rows) x continual metrics (columns): ``mean ± std`` in percent over the given
+    runs of each preset (with fwt / intransigence where zero_shot / joint runs are among them);
+    the column ``n`` counts the runs."""
+    m = metrics_table(run_dirs)
+    agg = aggregate(m[m["convention"] == convention])
+    rows = {}
+    for preset, g in agg.groupby("preset", sort=False):
+        cells = g.set_index("metric")
+        row = {"n": int(cells["n"].max())}
+        for metric in RUN_METRICS:
+            if metric in cells.index:
+                c = cells.loc[metric]
+                row[metric] = _pct(c["mean"], c["std"], int(c["n"]))
+        rows[preset] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def curves_with_bands(
     summary: pd.DataFrame,
     convention: str = "fg_only",
@@ -179,6 +197,7 @@ def curves_with_bands(
 __all__ = [
     "RUN_METRICS",
     "aggregate",
+    "continual_summary",
     "curves_with_bands",
     "exceeds_noise",
     "markdown",
