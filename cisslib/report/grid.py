@@ -188,6 +188,7 @@ def curves_with_bands(
             ax.fill_between(x, mean - std, mean + std, color=colors[preset], alpha=0.2)
         ax.set_title(metric)
         ax.set_xlabel("step")
+        ax.set_xticks(sorted(s["step"].unique()))
         ax.set_ylim(0, 100)
     axes[0, 0].set_ylabel(f"mIoU, % ({convention}; mean ± std over runs)")
     axes[0, -1].legend(fontsize="small")
