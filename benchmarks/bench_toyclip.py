@@ -14,13 +14,9 @@ import time
 import numpy as np
 
 from cisslib.data.toyworld import TOY_CLASS_PARTS, TOY_COLOURS, TOY_SHAPES
-from cisslib.toy.clip import (
-    ToyClipConfig,
-    checkpoint_meta,
-    load_tiny_clip,
-    pretrain_tiny_clip,
-    zero_shot_predictions,
-)
+from cisslib.model.clip import clip_file_meta, load_clip
+from cisslib.toy.clip import pretrain_tiny_clip, zero_shot_predictions
+from cisslib.toy.recipe import ToyClipConfig
 
 
 def main() -> None:
@@ -31,9 +27,9 @@ def main() -> None:
     t0 = time.perf_counter()
     path = pretrain_tiny_clip(ToyClipConfig(), cache_dir=args.cache_dir, progress=False)
     print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s this call)")
-    meta = checkpoint_meta(path)
+    meta = clip_file_meta(path)
     print(f"pretraining: {meta['seconds']:.1f} s recorded, {meta['config']['steps']} steps")
-    model, tok = load_tiny_clip(path)
+    model, tok = load_clip(pretrained=path)
     truth, pred = zero_shot_predictions(model, tok, n=args.n)
     colours, shapes = list(TOY_COLOURS), list(TOY_SHAPES)
     colour = np.array([colours.index(c) for c, _ in TOY_CLASS_PARTS])

@@ -166,13 +166,13 @@ def check_folder(
             return False
     elif results and not first:
         raise RunFolderError(
-            f"run folder {root} already holds a run ({_holdings(rd)}); pass --resume to "
-            "continue it, or --out for a new folder"
+            f"run folder {root} already holds a run ({_holdings(rd)}); continue it with "
+            "resume=True (--resume), or give another folder (--out)"
         )
     elif results and rd.last_checkpoint.is_file():
         raise RunFolderError(
-            f"run folder {root} holds a resume point ({rd.last_checkpoint}); pass --resume to "
-            "continue it, or --out for a new folder"
+            f"run folder {root} holds a resume point ({rd.last_checkpoint}); continue it "
+            "with resume=True (--resume), or give another folder (--out)"
         )
     if diffs and results:
         raise RunFolderError(

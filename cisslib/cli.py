@@ -25,12 +25,13 @@ from cisslib.data import DatasetError
 from cisslib.files import WriteError
 from cisslib.jobs import run_demo, run_grid
 from cisslib.model import WeightsError
+from cisslib.model.clip import clip_file_meta
 from cisslib.protocol import NUM_CLASSES, SETTINGS
 from cisslib.report.batch import run_batch
 from cisslib.report.lab import run_lab
 from cisslib.report.workbook import NotebookError, build_report
 from cisslib.runs import RunFolderError
-from cisslib.toy.clip import checkpoint_meta, pretrain_tiny_clip
+from cisslib.toy.clip import pretrain_tiny_clip
 
 
 class ReportError(ValueError):
@@ -134,7 +135,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_toy_clip(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = pretrain_tiny_clip(progress=True)
-    meta = checkpoint_meta(path)
+    meta = clip_file_meta(path)
     print(f"tiny CLIP: {path}")
     print(f"zero-shot accuracy on single-object images: {meta.get('zero_shot_accuracy')}")
     print(

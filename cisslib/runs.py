@@ -257,7 +257,7 @@ def run_folders(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> li
 def load_runs(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, pd.DataFrame]:
     """Read and concatenate the tidy CSVs of one or more run folders.
 
-    Returns a dict with keys ``summary``, ``per_class``, ``zero_shot``, ``shift``, ``losses``.
+    Returns one DataFrame per table of :data:`TABLES` (``summary``, ``per_class``, ...).
     ``run_dirs`` may also be a JSON list in a string (papermill ``-p``). ``metrics/summary.csv``
     must exist in every folder; any other file may be absent (probe
     disabled): its table then holds only the other runs' rows (or none, with the schema columns),

@@ -361,8 +361,9 @@ def test_short_toy_scenario_on_a_pretrained_tiny_clip(tmp_path):
     cache, and run a 2-step scenario on it through the same engine as ViT-B/16."""
     from cisslib.api import run
     from cisslib.toy import clip as toyclip
+    from cisslib.toy.recipe import ToyClipConfig
 
-    cfg = toyclip.ToyClipConfig(
+    cfg = ToyClipConfig(
         image_size=16,
         patch_size=4,
         vision_width=32,

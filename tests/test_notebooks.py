@@ -106,8 +106,9 @@ def test_report_is_one_html_with_figures_and_tables(report):
     text = report.read_text()
     assert sorted(p.name for p in report.parent.glob("*.html")) == ["index.html", "toy.html"]
     assert "<title>Toy comparison</title>" in text
-    # forgetting.ipynb: curves, 3 heatmaps, losses; semantic_shift.ipynb: zero-shot, shift
-    assert text.count("<img") == 7
+    # forgetting.ipynb: curves, curves with bands, 3 heatmaps, losses; semantic_shift.ipynb:
+    # zero-shot, shift, and the fabricated runs' absent pixel flow (2 notes) and calibration (1)
+    assert text.count("<img") == 11
     # the runs, labelled uniquely, with their tau
     assert "a/toy_full" in text and "b/toy_full" in text and "tau (with_bg)" in text
     # summary first: fg_only full old = 1.4 / 3 in both seeds, finetune all = 0.35
@@ -145,7 +146,8 @@ def test_semantic_shift_without_probes_notes_absence(tmp_path):
         execution_timeout=CELL_TIMEOUT,
     )
     html = workbook.export_html(out, tmp_path / "ss.html").read_text()
-    assert html.count("<img") == 2  # the two notes are figures
+    # the notes are figures: zero-shot, shift, pixel flow (2), calibration
+    assert html.count("<img") == 5
     assert "Traceback" not in html
     nb = nbformat.read(out, as_version=4)
     assert not [o for o in _code_outputs(nb) if o.output_type == "error"]
@@ -178,7 +180,8 @@ def test_batch_writes_reports_under_run_folders_and_an_index(tmp_path, capsys):
     rc = cli.main(["batch", "semantic_shift", str(good), str(bad), "--index", str(index)])
     assert rc == 1  # one target failed; the other still ran
     html = (good / "reports" / "semantic_shift.html").read_text()
-    assert html.count("<img") == 2 and "<script" not in html
+    # zero-shot, shift, and the notes of the absent pixel flow (2) and calibration
+    assert html.count("<img") == 5 and "<script" not in html
     assert (good / "reports" / "semantic_shift.ipynb").is_file()
     assert not (bad / "reports" / "semantic_shift.html").exists()
     page = index.read_text()
@@ -232,7 +235,7 @@ def test_run_scenario_rerun_resumes_or_refuses(scenario_run, tmp_path, monkeypat
     )  # fmt: skip
     streams = "".join(o.get("text", "") for o in _code_outputs(nbformat.read(out, 4)))
     assert "step 0: already complete" in streams and "step 1: already complete" in streams
-    with pytest.raises(ValueError, match=r"already holds results .*resume=True \(--resume\)"):
+    with pytest.raises(ValueError, match=r"already holds a run .*resume=True \(--resume\)"):
         run("smoke", out="outputs/run")
     assert parse_steps([2, 1]) == (1, 2)
     with pytest.raises(ValueError, match=r"steps \[0, 2\]: not consecutive"):

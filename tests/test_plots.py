@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 
 from cisslib import report as plots  # noqa: E402
+from cisslib.runs import TABLES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,11 @@ def test_load_runs_concatenates(data):
     assert len(data["per_class"]) == 42
     assert set(data["summary"]["run"]) == {"toy_full", "toy_finetune"}
     assert data["shift"]["seen"].dtype == bool
-    assert all(df.attrs["missing"] == [] for df in data.values())
+    written = {"losses", "summary", "per_class", "zero_shot", "shift"}  # what the fixture writes
+    assert {k for k in TABLES if data[k].attrs["missing"] == []} == written
+    for key in set(TABLES) - written:  # absent tables: every folder listed, the schema's columns
+        assert len(data[key].attrs["missing"]) == 2 and data[key].empty
+        assert list(data[key].columns) == list(TABLES[key])
 
 
 def test_load_runs_missing_summary_names_folder(tmp_path):

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 import cisslib.toy.clip as tc
+from cisslib import cli
 from cisslib.data.toyworld import TOY_CLASSES, TOY_COLOURS, ToyWorld
+from cisslib.model.clip import WeightsError, clip_file_meta, load_clip
+from cisslib.toy import captions, recipe
+from cisslib.toy import pool as pool_mod
 
 
-def _tiny(**kw) -> tc.ToyClipConfig:
+def _tiny(**kw) -> recipe.ToyClipConfig:
     base = dict(
         vision_width=32,
         vision_head_width=16,
@@ -29,7 +33,7 @@ def _tiny(**kw) -> tc.ToyClipConfig:
         threads=1,
     )
     base.update(kw)
-    return tc.ToyClipConfig(**base)
+    return recipe.ToyClipConfig(**base)
 
 
 @pytest.fixture(autouse=True)
@@ -64,23 +68,24 @@ def test_contrastive_loss_against_hand_computation():
 
 
 def test_captions():
-    assert tc.multi_caption([1]) == "a red circle"
-    assert tc.multi_caption([1, 8]) == "a red circle and a blue bar"
-    assert tc.multi_caption([1, 8, 2], articles=False) == "red circle, blue bar and green ring"
+    assert captions.multi_caption([1]) == "a red circle"
+    assert captions.multi_caption([1, 8]) == "a red circle and a blue bar"
+    want = "red circle, blue bar and green ring"
+    assert captions.multi_caption([1, 8, 2], articles=False) == want
     tok = tc.SimpleTokenizer(context_length=16)
     rng = np.random.default_rng(0)
     four = [20, 19, 15, 11]  # long names
     for _ in range(20):
-        cap = tc._caption(four, rng, tok)
+        cap = captions.random_caption(four, rng, tok)
         assert len(tok.encode(cap)) <= 14  # + start/end tokens fits 16: never truncated
         assert all(TOY_CLASSES[k - 1] in cap for k in four)
-    assert tc._caption([], rng, tok) in tc.BACKGROUND_CAPTIONS
-    assert TOY_CLASSES[6] in tc._caption([7], rng, tok)
+    assert captions.random_caption([], rng, tok) in captions.BACKGROUND_CAPTIONS
+    assert TOY_CLASSES[6] in captions.random_caption([7], rng, tok)
 
 
 def test_render_pool_sections_and_determinism():
     cfg = _tiny(pool_size=40, single_fraction=0.5, crop_fraction=0.25)
-    p1, p2 = tc.render_pool(cfg), tc.render_pool(cfg)
+    p1, p2 = pool_mod.render_pool(cfg), pool_mod.render_pool(cfg)
     assert p1.images.shape == (40, 32, 32, 3) and p1.images.dtype == torch.uint8
     assert (p1.n_single, p1.n_scene, p1.n_crop) == (20, 10, 10)
     assert torch.equal(p1.images, p2.images) and p1.label_sets == p2.label_sets
@@ -95,17 +100,18 @@ def test_render_pool_sections_and_determinism():
 
 def test_curriculum_levels_go_from_template_to_full_draw():
     obj = tc.ToyWorld("pretrain", size=32, length=1, single_object=True).objects(0)[0]
-    easy = tc._easier(obj, 0.0, 32)
+    easy = pool_mod._easier(obj, 0.0, 32)
     assert (easy.cx, easy.cy, easy.angle) == (16.0, 16.0, 0.0) and easy.label == obj.label
-    assert tc._easier(obj, 1.0, 32) == obj
+    assert pool_mod._easier(obj, 1.0, 32) == obj
     cfg = _tiny(pool_size=30, single_fraction=1.0, crop_fraction=0.0, curriculum_steps=10)
-    pool = tc.render_pool(cfg)
+    pool = pool_mod.render_pool(cfg)
     assert sorted(set(pool.levels.tolist())) == [0, 1, 2, 3, 4]
     tok = tc.SimpleTokenizer(context_length=16)
     # step 0 samples level 0 only: every drawn image equals one of the level-0 images
-    x, _, _ = tc.make_batch(cfg, pool, 0, tok)
-    level0 = tc.normalize_images(pool.images[torch.from_numpy(np.flatnonzero(pool.levels == 0))])
-    orbit = [tc._dihedral(level0, k) for k in range(8)]
+    x, _, _ = pool_mod.make_batch(cfg, pool, 0, tok)
+    first = torch.from_numpy(np.flatnonzero(pool.levels == 0))
+    level0 = pool_mod.normalize_images(pool.images[first])
+    orbit = [pool_mod._dihedral(level0, k) for k in range(8)]
     for img in x:
         assert any((o == img).all(dim=(1, 2, 3)).any() for o in orbit)
 
@@ -113,46 +119,46 @@ def test_curriculum_levels_go_from_template_to_full_draw():
 def test_make_batch_deterministic_and_consistent():
     cfg = _tiny(batch_size=8, single_fraction=0.5, crop_fraction=0.25)
     tok = tc.SimpleTokenizer(context_length=16)
-    pool = tc.render_pool(cfg)
-    x1, t1, i1 = tc.make_batch(cfg, pool, 3, tok)
-    x2, t2, i2 = tc.make_batch(cfg, pool, 3, tok)
+    pool = pool_mod.render_pool(cfg)
+    x1, t1, i1 = pool_mod.make_batch(cfg, pool, 3, tok)
+    x2, t2, i2 = pool_mod.make_batch(cfg, pool, 3, tok)
     assert x1.shape == (8, 3, 32, 32) and t1.shape == (8, 16)
     assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(i1, i2)
-    x3, _, _ = tc.make_batch(cfg, pool, 4, tok)
+    x3, _, _ = pool_mod.make_batch(cfg, pool, 4, tok)
     assert not torch.equal(x1, x3)
     # the 4 single-object images each name exactly one class (one bit set in their id)
     assert all(bin(int(v)).count("1") == 1 for v in i1[:4])
     # dihedral transforms: 8 distinct, invertible (rot90 by 4 = identity)
     a = torch.arange(9.0).view(1, 3, 3)
-    outs = {tuple(tc._dihedral(a, k).flatten().tolist()) for k in range(8)}
-    assert len(outs) == 8 and torch.equal(tc._dihedral(tc._dihedral(a, 1), 3), a)
+    outs = {tuple(pool_mod._dihedral(a, k).flatten().tolist()) for k in range(8)}
+    assert len(outs) == 8 and torch.equal(pool_mod._dihedral(pool_mod._dihedral(a, 1), 3), a)
     # normalisation: OpenAI CLIP mean/std
     img = np.full((1, 2, 2, 3), 255, np.uint8)
     want = (1.0 - torch.tensor(tc.OPENAI_DATASET_MEAN)) / torch.tensor(tc.OPENAI_DATASET_STD)
-    assert torch.allclose(tc.normalize_images(img)[0, :, 0, 0], want)
+    assert torch.allclose(pool_mod.normalize_images(img)[0, :, 0, 0], want)
 
 
 def test_training_is_deterministic():
     cfg = _tiny()
-    m1, meta1 = tc._train(cfg, progress=False)
-    m2, meta2 = tc._train(cfg, progress=False)
+    m1, loss1, _ = tc._train(cfg, progress=False)
+    m2, loss2, _ = tc._train(cfg, progress=False)
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys()
     for k in s1:
         assert torch.equal(s1[k], s2[k]), k
-    init = tc.build_model(cfg).state_dict()  # training moved the weights
+    init = tc.new_tiny_clip(cfg).state_dict()  # training moved the weights
     assert not torch.equal(init["visual.conv1.weight"], s1["visual.conv1.weight"])
-    assert meta1["final_loss"] == meta2["final_loss"]
-    # the recorded accuracy is the share of held-out images whose nearest prompt is their class
+    assert loss1 == loss2 and math.isfinite(loss1)
+    # the accuracy is the share of held-out images whose nearest prompt is their class
     world = ToyWorld("val", size=cfg.image_size, length=cfg.eval_n, seed=1, single_object=True)
     tok = tc.SimpleTokenizer(context_length=cfg.context_length)
     with torch.no_grad():
         text = m1.encode_text(tok([f"a photo of a {c}" for c in TOY_CLASSES]), normalize=True)
         correct = 0
         for i in range(cfg.eval_n):
-            emb = m1.encode_image(tc.normalize_images(world.load(i)[0][None]), normalize=True)
+            emb = m1.encode_image(pool_mod.normalize_images(world.load(i)[0][None]), normalize=True)
             correct += int((emb @ text.T).argmax()) == world.objects(i)[0].label - 1
-    assert meta1["zero_shot_accuracy"] == pytest.approx(correct / cfg.eval_n)
+    assert tc.zero_shot_accuracy(m1, tok, n=cfg.eval_n) == pytest.approx(correct / cfg.eval_n)
 
 
 def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
@@ -161,9 +167,9 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
     real_train = tc._train
 
     def capture(c, progress):
-        model, meta = real_train(c, progress)
-        trained["model"] = model
-        return model, meta
+        out = real_train(c, progress)
+        trained["model"] = out[0]
+        return out
 
     monkeypatch.setattr(tc, "_train", capture)
     path = tc.pretrain_tiny_clip(cfg, progress=False)
@@ -180,7 +186,7 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
         tc.pretrain_tiny_clip(_tiny(seed=1), progress=False)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["format"] == "cisslib-clip"
-    assert ckpt["model_cfg"] == tc.model_cfg(cfg)
+    assert ckpt["model_cfg"] == recipe.model_cfg(cfg)
     meta = ckpt["meta"]
     assert (
         meta["config"]["steps"] == 2
@@ -188,7 +194,8 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
         and meta["pixel_norm"] == "clip"
     )
     assert meta["pixel_mean"] == list(tc.OPENAI_DATASET_MEAN) and meta["seconds"] > 0
-    model, tok = tc.load_tiny_clip(path)
+    assert clip_file_meta(path) == meta
+    model, tok = load_clip(pretrained=path)  # the one CLIP loader
     ref = trained["model"]
     x = torch.randn(2, 3, 32, 32)
     t = tok(["a photo of a red circle", "a blue bar"])
@@ -199,47 +206,38 @@ def test_cache_and_loaded_checkpoint_reproduces_outputs(monkeypatch):
         assert model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
 
 
-def test_load_rejects_other_formats(tmp_path):
+def test_meta_of_another_file_is_refused_naming_it(tmp_path):
     bad = tmp_path / "x.pt"
     torch.save({"format": "openai"}, bad)
-    with pytest.raises(ValueError, match="format='openai'"):
-        tc.load_tiny_clip(bad)
-    with pytest.raises(FileNotFoundError, match="pretrain_tiny_clip"):
-        tc.load_tiny_clip(tmp_path / "missing.pt")
+    with pytest.raises(WeightsError, match="x.pt: not a cisslib-clip file"):
+        clip_file_meta(bad)
 
 
 def test_config_validation_and_key():
     with pytest.raises(ValueError, match="image_size=30"):
-        tc.ToyClipConfig(image_size=30)
+        recipe.ToyClipConfig(image_size=30)
     with pytest.raises(ValueError, match="curriculum_levels"):
-        tc.ToyClipConfig(curriculum_levels=0)
+        recipe.ToyClipConfig(curriculum_levels=0)
     assert math.isclose(
-        float(tc.build_model(_tiny(logit_scale_init=50.0)).logit_scale.detach().exp()),
+        float(tc.new_tiny_clip(_tiny(logit_scale_init=50.0)).logit_scale.detach().exp()),
         50.0,
         rel_tol=1e-5,
     )
     with pytest.raises(ValueError, match="steps=0"):
-        tc.ToyClipConfig(steps=0)
-    assert tc.ToyClipConfig().key() == tc.ToyClipConfig(log_every=7).key()
-    assert tc.ToyClipConfig().key() != tc.ToyClipConfig(seed=1).key()
+        recipe.ToyClipConfig(steps=0)
+    assert recipe.ToyClipConfig().key() == recipe.ToyClipConfig(log_every=7).key()
+    assert recipe.ToyClipConfig().key() != recipe.ToyClipConfig(seed=1).key()
 
 
-def test_cli_prints_path_seconds_accuracy(capsys):
-    tc.main(
-        [
-            "--steps",
-            "1",
-            "--eval-n",
-            "10",
-            "--batch-size",
-            "8",
-            "--pool-size",
-            "32",
-            "--no-progress",
-        ]
-    )
+def test_cli_prints_path_seconds_accuracy(capsys, monkeypatch):
+    small = _tiny(eval_n=10)
+    monkeypatch.setattr(cli, "pretrain_tiny_clip", lambda progress: tc.pretrain_tiny_clip(small))
+    assert cli.main(["toy-clip"]) == 0
     out = capsys.readouterr().out
-    assert "path:" in out and "seconds:" in out and "zero_shot_accuracy:" in out
+    meta = clip_file_meta(tc.checkpoint_path(small))
+    assert f"tiny CLIP: {tc.checkpoint_path(small)}" in out
+    assert f"single-object images: {meta['zero_shot_accuracy']}" in out
+    assert f"(when trained): {meta['seconds']}" in out
 
 
 class _ColourOnlyClip(torch.nn.Module):

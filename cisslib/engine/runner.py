@@ -50,6 +50,7 @@ from cisslib.engine.optim import make_optimizer
 from cisslib.engine.runtime import (
     Runtime,
     apply_threads,
+    describe_threads,
     mix_seed,
     plan_threads,
     seed_everything,
@@ -160,6 +161,7 @@ class Runner:
         if self.runtime.dist.main:
             setup_logging(self.run.log, to_console=log_to_console(self.cfg.run.progress))
             save_config(self.cfg, self.run.config)
+            log.info("%s", describe_threads(self.threads))
         self.started = True
 
     def run_steps(self, first: int | None = None, last: int | None = None) -> None:

@@ -194,8 +194,11 @@ def apply_threads(plan: ThreadPlan) -> None:
     """Set torch's intra-op threads to ``plan.threads`` (the workers are the loaders' part)."""
     if torch.get_num_threads() != plan.threads:
         torch.set_num_threads(plan.threads)
-    log.info("CPU: %d intra-op thread(s), %d data worker(s) (%s)", plan.threads, plan.workers,
-             plan.reason)  # fmt: skip
+
+
+def describe_threads(plan: ThreadPlan) -> str:
+    """The log line of ``plan`` (written when the run starts, after every check has passed)."""
+    return f"CPU: {plan.threads} intra-op thread(s), {plan.workers} data worker(s) ({plan.reason})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,17 +300,28 @@ def load_clip(
     return model.to(device).float().eval(), _tokenizer_for(name, cfg)
 
 
-def save_clip(model: CLIP, model_cfg: dict, path: str | os.PathLike) -> None:
+def save_clip(
+    model: CLIP, model_cfg: dict, path: str | os.PathLike, meta: dict | None = None
+) -> None:
     """Write ``model`` in cisslib's self-describing format, atomically.
 
     The file holds ``{"format": "cisslib-clip", "model_cfg": model_cfg, "state_dict": ...}``
-    and loads back with ``load_clip(pretrained=path)``.
+    (and ``"meta"``: how it was made, when given) and loads back with
+    ``load_clip(pretrained=path)``; :func:`clip_file_meta` reads the meta.
     """
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    atomic_torch_save(
-        {"format": CLIP_FILE_FORMAT, "model_cfg": copy.deepcopy(model_cfg), "state_dict": sd},
-        path,
-    )
+    obj = {"format": CLIP_FILE_FORMAT, "model_cfg": copy.deepcopy(model_cfg), "state_dict": sd}
+    if meta is not None:
+        obj["meta"] = meta
+    atomic_torch_save(obj, path)
+
+
+def clip_file_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` dict of a cisslib-clip file (``{}`` when it has none)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CLIP_FILE_FORMAT:
+        raise WeightsError(f"{path}: not a {CLIP_FILE_FORMAT} file; write it with save_clip")
+    return dict(obj.get("meta") or {})
 
 
 def clip_geometry(model: nn.Module) -> dict[str, int]:
