@@ -134,23 +134,11 @@ def train(rep: Report, results: dict, arch: str, batches: list[int], repeats: in
 def optimizer_and_compile(
     rep: Report, results: dict, arch: str, batch: int, repeats: int, compile: bool
 ) -> None:
-    from cisslib.engine.optim import make_optimizer
-
     dev, prec = rep.device, rep.precision
     bench = train_step.make_step(arch, batch, dev, prec)
     bench.full()  # gradients for both optimizers to step on
     fused_s = timed(bench.opt.step, dev, repeats * 3)
-    loop, _ = make_optimizer(
-        bench.trainer.model,
-        lr=1e-5,
-        iters=10**6,
-        warmup_iters=10,
-        warmup_factor=1e-6,
-        poly_power=0.9,
-        weight_decay=0.01,
-        head_lr_mult=10.0,
-        fused=False,
-    )
+    loop, _ = train_step.paper_optimizer(bench.trainer.model, fused=False)
     loop_s = timed(loop.step, dev, repeats * 3)
     results["adamw"] = {
         "fused_ms": fused_s * 1e3,

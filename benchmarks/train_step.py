@@ -54,6 +54,13 @@ class StepBench:
         t.model.zero_grad(set_to_none=True)
 
 
+def paper_optimizer(model: torch.nn.Module, fused: bool | None = None):
+    """The paper's AdamW + warmup-poly schedule (SPEC 4) for ``model``: ``(optimizer, schedule)``;
+    ``fused=None`` lets cisslib choose (fused on CUDA)."""
+    schedule = dict(lr=1e-5, iters=10**6, warmup_iters=10, warmup_factor=1e-6, poly_power=0.9)
+    return make_optimizer(model, **schedule, weight_decay=0.01, head_lr_mult=10.0, fused=fused)
+
+
 def make_step(
     arch: str, batch: int, device: torch.device, precision: str, compile: bool = False
 ) -> StepBench:
@@ -76,16 +83,7 @@ def make_step(
         compile=compile,
     )
     trainer.wrap_for_processes()
-    opt, sched = make_optimizer(
-        model,
-        lr=1e-5,
-        iters=10**6,
-        warmup_iters=10,
-        warmup_factor=1e-6,
-        poly_power=0.9,
-        weight_decay=0.01,
-        head_lr_mult=10.0,
-    )
+    opt, sched = paper_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     images = torch.rand(batch, 3, crop, crop, generator=g) * 255
     labels = torch.zeros(batch, crop, crop, dtype=torch.long)

@@ -679,7 +679,16 @@ for _point in KILL_POINTS:
 @case("faults")
 def case_resume_at_another_thread_count_warns(w: World) -> str:
     run = w.copy(w.killed(1))
-    code = run_forked(smoke(run, extra=["--resume"]), threads=2)
+    # another machine's environment: run.threads auto follows OMP_NUM_THREADS (the fork's copy)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "2"
+    try:
+        code = run_forked(smoke(run, extra=["--resume"]))
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
     log = (run / "log.txt").read_text().splitlines()
     warned = any(re.search(r"thread.*\b1\b.*\b2\b", line.lower()) for line in log)
     return "clean" if code == 0 and warned else "wrong"
