@@ -204,35 +204,58 @@ def load_clip(
     path: Path | None = None
     if pretrained is not None:
         p = Path(pretrained)
-        looks_like_file = p.suffix != "" or os.sep in str(pretrained) or p.exists()
-        if looks_like_file:
-            if not p.is_file():
-                raise _missing_file_error(p)
-            path = p
-            sd, stored_cfg = _read_checkpoint(p)
-        else:  # an open_clip pretrained tag: the normal open_clip download path.
-            if model_cfg is not None:
-                raise ConfigError(
-                    f"model.clip.pretrained tag {pretrained!r} uses open_clip's config for "
-                    f"{name!r}; drop model.clip.model_cfg or pass a checkpoint file"
-                )
-            known = open_clip.list_pretrained_tags_by_model(name)
-            if str(pretrained) not in known:
-                raise ConfigError(
-                    f"model.clip.pretrained {pretrained!r} is neither an existing file nor an "
-                    f"open_clip tag of {name!r} (tags: {', '.join(known) or 'none'})"
-                )
-            try:
-                model = open_clip.create_model(name, pretrained=str(pretrained), device=device)
-            except Exception as e:  # the download (no network) or the cache
-                raise WeightsError(
-                    f"model.clip.pretrained {pretrained!r}: open_clip could not load it "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); without "
-                    "network, pass a local checkpoint file"
-                ) from None
-            cfg = open_clip.get_model_config(name) or {}
-            return model.float().eval(), _tokenizer_for(name, cfg)
+        if not (p.suffix != "" or os.sep in str(pretrained) or p.exists()):
+            return _from_open_clip_tag(name, str(pretrained), model_cfg, device)
+        if not p.is_file():
+            raise _missing_file_error(p)
+        path = p
+        sd, stored_cfg = _read_checkpoint(p)
+    cfg = _clip_config(name, model_cfg, stored_cfg)
+    try:
+        model = CLIP(**copy.deepcopy(cfg))
+    except Exception as e:  # missing or inconsistent sizes
+        raise ConfigError(
+            f"model.clip.model_cfg {model_cfg if model_cfg is not None else cfg} does not build a "
+            f"CLIP ({type(e).__name__}: {e}); give embed_dim, vision_cfg and text_cfg as in "
+            "params/smoke.yaml"
+        ) from None
+    if sd is not None:
+        assert path is not None
+        source = name if model_cfg is None else "model_cfg"
+        _check_architecture(sd, cfg, path, source)
+        _load_state(model, sd, path)
+    return model.to(device).float().eval(), _tokenizer_for(name, cfg)
 
+
+def _from_open_clip_tag(
+    name: str, tag: str, model_cfg: dict | None, device: str | torch.device
+) -> tuple[CLIP, Any]:
+    """An open_clip pretrained tag: open_clip's own download and config."""
+    if model_cfg is not None:
+        raise ConfigError(
+            f"model.clip.pretrained tag {tag!r} uses open_clip's config for "
+            f"{name!r}; drop model.clip.model_cfg or pass a checkpoint file"
+        )
+    known = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in known:
+        raise ConfigError(
+            f"model.clip.pretrained {tag!r} is neither an existing file nor an "
+            f"open_clip tag of {name!r} (tags: {', '.join(known) or 'none'})"
+        )
+    try:
+        model = open_clip.create_model(name, pretrained=tag, device=device)
+    except Exception as e:  # the download (no network) or the cache
+        raise WeightsError(
+            f"model.clip.pretrained {tag!r}: open_clip could not load it "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); without "
+            "network, pass a local checkpoint file"
+        ) from None
+    cfg = open_clip.get_model_config(name) or {}
+    return model.float().eval(), _tokenizer_for(name, cfg)
+
+
+def _clip_config(name: str, model_cfg: dict | None, stored_cfg: dict | None) -> dict:
+    """The ``CLIP(**cfg)`` kwargs: ``model_cfg``, else the file's, else open_clip's for ``name``."""
     if model_cfg is not None:
         cfg = copy.deepcopy(model_cfg)
     elif stored_cfg is not None:
@@ -250,54 +273,50 @@ def load_clip(
         k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")
     }
     cfg.setdefault("quick_gelu", True)
+    return cfg
 
+
+def _check_architecture(sd: dict[str, torch.Tensor], cfg: dict, path: Path, source: str) -> None:
+    """One line naming the file when its ViT is not the config's (``source``: what set it)."""
     try:
-        model = CLIP(**copy.deepcopy(cfg))
-    except Exception as e:  # missing or inconsistent sizes
-        raise ConfigError(
-            f"model.clip.model_cfg {model_cfg if model_cfg is not None else cfg} does not build a "
-            f"CLIP ({type(e).__name__}: {e}); give embed_dim, vision_cfg and text_cfg as in "
-            "params/smoke.yaml"
+        got = _arch_from_state_dict(sd)
+    except KeyError as err:
+        raise WeightsError(
+            f"{path}: not a ViT CLIP checkpoint (missing key {err}); expected OpenAI key names "
+            "such as visual.conv1.weight"
         ) from None
-    if sd is not None:
-        assert path is not None
-        try:
-            got = _arch_from_state_dict(sd)
-        except KeyError as err:
+    want = _arch_from_cfg(cfg)
+    for key in ("width", "layers", "patch", "embed_dim", "text_width"):
+        if got[key] != want[key]:
+            have = _describe_vit(got["width"], got["layers"], got["patch"])
+            expect = _describe_vit(want["width"], want["layers"], want["patch"])
             raise WeightsError(
-                f"{path}: not a ViT CLIP checkpoint (missing key {err}); expected OpenAI key names "
-                "such as visual.conv1.weight"
-            ) from None
-        want = _arch_from_cfg(cfg)
-        for key in ("width", "layers", "patch", "embed_dim", "text_width"):
-            if got[key] != want[key]:
-                have = _describe_vit(got["width"], got["layers"], got["patch"])
-                expect = _describe_vit(want["width"], want["layers"], want["patch"])
-                source = name if model_cfg is None else "model_cfg"
-                raise WeightsError(
-                    f"{path}: checkpoint is {have} with embed_dim {got['embed_dim']}, config "
-                    f"{source} expects {expect} with embed_dim {want['embed_dim']} ({key} "
-                    "differs); pass the matching name/model_cfg"
-                )
-        sd = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-        open_clip.model.resize_pos_embed(sd, model)  # only if the config's image size differs
-        if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
-            sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-        try:
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-        except RuntimeError as e:  # tensors of other shapes
-            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
-            raise WeightsError(
-                f"{path}: tensors of other shapes than the CLIP config ({first}); pass the "
-                "matching model.clip.name / model_cfg"
-            ) from None
-        if missing or unexpected:
-            raise WeightsError(
-                f"{path}: state dict does not fit the CLIP config: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
+                f"{path}: checkpoint is {have} with embed_dim {got['embed_dim']}, config "
+                f"{source} expects {expect} with embed_dim {want['embed_dim']} ({key} "
+                "differs); pass the matching name/model_cfg"
             )
-    return model.to(device).float().eval(), _tokenizer_for(name, cfg)
+
+
+def _load_state(model: CLIP, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Load an OpenAI-named state dict into ``model`` (float32; positions resized if needed)."""
+    sd = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    open_clip.model.resize_pos_embed(sd, model)  # only if the config's image size differs
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensors of other shapes
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise WeightsError(
+            f"{path}: tensors of other shapes than the CLIP config ({first}); pass the "
+            "matching model.clip.name / model_cfg"
+        ) from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: state dict does not fit the CLIP config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def save_clip(
