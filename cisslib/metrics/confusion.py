@@ -176,75 +176,79 @@ class SegMetrics:
             ``mIoU_old`` is NaN at step 0. Values are fractions in 0..1.
         """
         c = self.num_seen
-        sol = np.asarray(step_of_label, dtype=np.int64)
-        if sol.ndim != 1 or sol.size < c + 1:
-            raise ValueError(
-                f"step_of_label has {sol.size} entries; need C + 1 = {c + 1} (index 0 = "
-                "background, then labels 1..C), e.g. Scenario.step_of_label()"
-            )
-        if len(class_names) < c:
-            raise ValueError(f"got {len(class_names)} class names for {c} seen classes")
-        added = sol[1 : c + 1]  # label c -> added[c - 1]
-        if (added > step).any():
-            raise ValueError(
-                f"step_of_label says labels {(np.flatnonzero(added > step) + 1).tolist()[:5]} "
-                f"are added after step {step}, but they are among the {c} seen classes"
-            )
+        added = _steps_added(step_of_label, class_names, c, step)  # label c -> added[c - 1]
         rows, per_class = [], []
         for conv in CONVENTIONS:
-            conf = self.confusion(conv).numpy()
-            iou = iou_from_confusion(conf)
-            off = 0 if conv == "fg_only" else 1  # matrix index of label 1
-            labels = np.arange(1, c + 1)
-            idx = labels - 1 + off
-            groups = {
-                "base": idx[added == 0],
-                "novel": idx[added > 0],
-                "old": idx[added < step],
-                "new": idx[added == step],
-            }
-            if conv == "with_bg":
-                groups["base"] = np.r_[0, groups["base"]]
-                groups["old"] = np.r_[0, groups["old"]]
-            all_idx = np.arange(conf.shape[0])
-
-            def m(ix: np.ndarray, conf: np.ndarray = conf) -> float:
-                return mean_iou(conf, ix, self.count_pred_only)
-
-            rows.append(
-                {
-                    "step": step,
-                    "convention": conv,
-                    "n_seen": c,
-                    "mIoU": m(all_idx),
-                    "mIoU_base": m(groups["base"]),
-                    "mIoU_novel": m(groups["novel"]),
-                    "mIoU_old": math.nan if step == 0 else m(groups["old"]),
-                    "mIoU_new": m(groups["new"]),
-                }
-            )
-            if conv == "with_bg":
-                per_class.append(
-                    {
-                        "step": step,
-                        "convention": conv,
-                        "class_index": 0,
-                        "class_name": "background",
-                        "group": "background",
-                        "step_added": 0,
-                        "iou": float(iou[0]),
-                    }
-                )
-            for lab in labels:
-                per_class.append(
-                    {
-                        "step": step,
-                        "convention": conv,
-                        "class_index": int(lab),
-                        "class_name": class_names[lab - 1],
-                        "group": "base" if added[lab - 1] == 0 else "novel",
-                        "step_added": int(added[lab - 1]),
-                        "iou": float(iou[lab - 1 + off]),
-                    }
-                )
+            summary, classes = self._convention_rows(conv, step, added, class_names)
+            rows.append(summary)
+            per_class.extend(classes)
         return rows, per_class
+
+    def _convention_rows(
+        self, conv: str, step: int, added: np.ndarray, class_names: Sequence[str]
+    ) -> tuple[dict, list[dict]]:
+        """The summary row and the per-class rows of one convention (see :meth:`summary`)."""
+        c = self.num_seen
+        conf = self.confusion(conv).numpy()
+        iou = iou_from_confusion(conf)
+        off = 0 if conv == "fg_only" else 1  # matrix index of label 1
+        labels = np.arange(1, c + 1)
+        idx = labels - 1 + off
+        groups = {
+            "base": idx[added == 0],
+            "novel": idx[added > 0],
+            "old": idx[added < step],
+            "new": idx[added == step],
+        }
+        if conv == "with_bg":
+            groups["base"] = np.r_[0, groups["base"]]
+            groups["old"] = np.r_[0, groups["old"]]
+
+        def m(ix: np.ndarray) -> float:
+            return mean_iou(conf, ix, self.count_pred_only)
+
+        summary = {
+            "step": step,
+            "convention": conv,
+            "n_seen": c,
+            "mIoU": m(np.arange(conf.shape[0])),
+            "mIoU_base": m(groups["base"]),
+            "mIoU_novel": m(groups["novel"]),
+            "mIoU_old": math.nan if step == 0 else m(groups["old"]),
+            "mIoU_new": m(groups["new"]),
+        }
+        per_class = []
+        if conv == "with_bg":
+            per_class.append({
+                "step": step, "convention": conv, "class_index": 0, "class_name": "background",
+                "group": "background", "step_added": 0, "iou": float(iou[0]),
+            })  # fmt: skip
+        for lab in labels:
+            per_class.append({
+                "step": step, "convention": conv, "class_index": int(lab),
+                "class_name": class_names[lab - 1],
+                "group": "base" if added[lab - 1] == 0 else "novel",
+                "step_added": int(added[lab - 1]), "iou": float(iou[lab - 1 + off]),
+            })  # fmt: skip
+        return summary, per_class
+
+
+def _steps_added(
+    step_of_label: Sequence[int] | np.ndarray, class_names: Sequence[str], c: int, step: int
+) -> np.ndarray:
+    """``added[c - 1]``: the step that added label ``c`` of the ``c`` seen ones, checked."""
+    sol = np.asarray(step_of_label, dtype=np.int64)
+    if sol.ndim != 1 or sol.size < c + 1:
+        raise ValueError(
+            f"step_of_label has {sol.size} entries; need C + 1 = {c + 1} (index 0 = "
+            "background, then labels 1..C), e.g. Scenario.step_of_label()"
+        )
+    if len(class_names) < c:
+        raise ValueError(f"got {len(class_names)} class names for {c} seen classes")
+    added = sol[1 : c + 1]
+    if (added > step).any():
+        raise ValueError(
+            f"step_of_label says labels {(np.flatnonzero(added > step) + 1).tolist()[:5]} "
+            f"are added after step {step}, but they are among the {c} seen classes"
+        )
+    return added
