@@ -25,7 +25,7 @@ from cisslib.config.validation import validate_device
 from cisslib.data.step_dataset import StepDataset
 from cisslib.engine import Runner
 from cisslib.paths import find_params, in_project
-from cisslib.protocol import Scenario, parse_setting
+from cisslib.protocol import Scenario, parse_setting, scenario_setting
 from cisslib.runs import (
     RunDir,
     RunFolderError,
@@ -78,11 +78,11 @@ def parse_steps(steps: str | int | Sequence[int] | None) -> tuple[int | None, in
 def check_steps(cfg: Config, first: int | None, last: int | None) -> None:
     """The step range against the scenario (before any data is read)."""
     sc = cfg.scenario
-    k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+    k, base, inc = parse_setting(sc.dataset, scenario_setting(sc))
     n = Scenario(num_classes=k, base=base, increment=inc).n_steps
     top = last if last is not None else first
     if top is not None and top >= n:
-        setting = "joint" if sc.joint else sc.setting
+        setting = scenario_setting(sc)
         raise ConfigError(
             f"--steps {first}-{last}: {sc.dataset} {setting} has steps 0..{n - 1}; pick steps in "
             "that range"

@@ -39,7 +39,7 @@ from cisslib.model.text import (
     load_text_embeddings,
 )
 from cisslib.model.zero_shot import ZeroShotSegmenter
-from cisslib.protocol import Scenario, parse_setting, random_class_order
+from cisslib.protocol import Scenario, parse_setting, random_class_order, scenario_setting
 from cisslib.toy.clip import pretrain_tiny_clip
 
 log = logging.getLogger("cisslib")
@@ -124,7 +124,7 @@ def build_scenario(cfg: Config, num_classes: int) -> Scenario:
     """The class-incremental scenario (``scenario.joint`` = every class in one step)."""
     sc = cfg.scenario
     try:
-        k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+        k, base, inc = parse_setting(sc.dataset, scenario_setting(sc))
     except ValueError as e:
         raise ConfigError(f"scenario.setting: {e}") from None
     if k != num_classes:

@@ -14,7 +14,7 @@ from cisslib.api import run
 from cisslib.build import joint_iterations
 from cisslib.config import from_dict, load_config
 from cisslib.files import atomic_write_text
-from cisslib.protocol import parse_setting
+from cisslib.protocol import Scenario, parse_setting, scenario_setting
 from cisslib.report import grid
 from cisslib.report.workbook import build_report
 from cisslib.runs import RunDir, read_table
@@ -71,8 +71,8 @@ def _is_complete(run_dir: Path) -> bool:
     if not rd.config.is_file() or not rd.table("summary").is_file():
         return False
     sc = from_dict(yaml.safe_load(rd.config.read_text()) or {}, where=str(rd.config)).scenario
-    k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
-    steps = list(range(1 + ((k - base) // inc if inc else 0)))
+    k, base, inc = parse_setting(sc.dataset, scenario_setting(sc))
+    steps = list(range(Scenario(num_classes=k, base=base, increment=inc).n_steps))
     summary_steps = {int(r["step"]) for r in read_table(rd.table("summary"))}
     return rd.completed_steps() == steps and summary_steps == set(steps)
 

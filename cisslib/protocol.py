@@ -36,6 +36,12 @@ SETTINGS: dict[str, dict[str, tuple[int, int]]] = {
 _SETTING_RE = re.compile(r"^(\d+)-(\d+)$")
 
 
+def scenario_setting(sc) -> str:
+    """The setting a ``scenario`` config section runs: ``"joint"`` under ``scenario.joint``
+    (every class in one step), else ``scenario.setting``."""
+    return "joint" if sc.joint else sc.setting
+
+
 def parse_setting(dataset: str, name: str) -> tuple[int, int, int]:
     """``(num_classes, base, increment)`` of a named setting or a custom ``"B-I"`` string.
 

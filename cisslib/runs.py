@@ -37,6 +37,7 @@ from pathlib import Path
 import pandas as pd
 
 from cisslib.files import atomic_path, read_torch, write_error
+from cisslib.protocol import scenario_setting
 from cisslib.runlock import LOCK_NAME, RunFolderError, RunLock
 
 __all__ = [
@@ -114,7 +115,7 @@ def run_meta(cfg) -> dict:
         "run": cfg.run.name,
         "preset": cfg.run.preset,
         "dataset": sc.dataset,
-        "setting": "joint" if sc.joint else sc.setting,
+        "setting": scenario_setting(sc),
         "mode": sc.mode,
         "seed": cfg.run.seed,
     }

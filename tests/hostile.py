@@ -335,6 +335,7 @@ def read_only(path: Path):
 
 
 def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved index), flat [r0, g0, b0, r1, ...]."""
     pal = []
     for i in range(256):
         r = g = b = 0

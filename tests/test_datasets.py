@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile import voc_palette  # the PASCAL VOC colour map, one copy for the tests
 from PIL import Image
 
 from cisslib.data.sources import (
@@ -24,21 +25,6 @@ from cisslib.data.validation import validate_source
 from cisslib.protocol import Scenario
 
 REAL_VOC = Path("/work/shared/fixtures/voc-val-samples")
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved index), flat [r0, g0, b0, r1, ...]."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 def _label(rng: np.random.Generator, h: int, w: int, k: int) -> np.ndarray:

@@ -58,7 +58,7 @@ def _trainer(tiny_clip, tiny_text, criterion):
     return StepTrainer(model, criterion, rt, text=tiny_text, num_old=0, grad_clip=35.0)
 
 
-def _opt(model):
+def _opt(model, fused=None):
     return make_optimizer(
         model,
         lr=1e-4,
@@ -68,6 +68,7 @@ def _opt(model):
         poly_power=0.9,
         weight_decay=0.0,
         head_lr_mult=1.0,
+        fused=fused,
     )
 
 
@@ -295,17 +296,7 @@ def test_fused_adamw_on_cuda_matches_the_loop(tiny_clip):
     model = _segmenter(tiny_clip).cuda()
     twin = copy.deepcopy(model)
     fused, _ = _opt(model)
-    plain, _ = make_optimizer(
-        twin,
-        lr=1e-4,
-        iters=10,
-        warmup_iters=1,
-        warmup_factor=1.0,
-        poly_power=0.9,
-        weight_decay=0.0,
-        head_lr_mult=1.0,
-        fused=False,
-    )
+    plain, _ = _opt(twin, fused=False)
     assert fused.defaults.get("fused") and not plain.defaults.get("fused")
     for m in (model, twin):
         for p in m.parameters():

@@ -119,11 +119,11 @@ def _check_ranges(values: dict[str, Any], where: str) -> None:
 
 
 def _check_scenario(cfg: Config, where: str) -> None:
-    from cisslib.protocol import NUM_CLASSES, Scenario, parse_setting
+    from cisslib.protocol import NUM_CLASSES, Scenario, parse_setting, scenario_setting
 
     sc = cfg.scenario
     try:
-        k, base, inc = parse_setting(sc.dataset, "joint" if sc.joint else sc.setting)
+        k, base, inc = parse_setting(sc.dataset, scenario_setting(sc))
     except ValueError as e:
         raise ConfigError(f"{where}: key 'scenario.setting': {e}") from None
     try:
