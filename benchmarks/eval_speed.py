@@ -7,6 +7,7 @@ import torch
 
 from benchmarks.common import interleaved
 from benchmarks.models import build
+from cisslib.config.tree import EvalConfig
 from cisslib.model.segmenter import _window_starts
 
 
@@ -41,19 +42,37 @@ def measure(
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+    batch = EvalConfig().window_batch  # windows per forward, the same on both sides
+
     def sliding():
         with torch.no_grad(), amp:
-            model.sliding_scores(image, text, window=window, stride=stride)
+            model.sliding_scores(image, text, window=window, stride=stride, window_batch=batch)
 
     def encoder_only():
         with torch.no_grad(), amp:
-            for y, x, y2, x2 in crops:
-                model.encoder(image[:, :, y:y2, x:x2])
+            for k in range(0, len(crops), batch):
+                model.encoder(
+                    torch.cat([image[:, :, y:y2, x:x2] for y, x, y2, x2 in crops[k : k + batch]])
+                )
+
+    square = image[:, :, :crop, :crop].contiguous()
+    with torch.no_grad(), amp:
+        enc = model.encoder(square)
+
+    def decoder_only():  # what a window costs beyond the encoder: decoder, CACP, scores
+        with torch.no_grad(), amp:
+            dec = model.decoder(enc.features, enc.global_embedding, text)
+            masks = torch.nn.functional.interpolate(
+                dec["masks"][-1], size=(window, window), mode="bilinear", align_corners=False
+            )
+            dec["pred_logits"].softmax(dim=-1)[..., 0, None, None] * masks.sigmoid()
 
     out = {"size": (h, w), "windows": len(crops)}
-    t = interleaved({"slide": sliding, "enc": encoder_only}, device, repeats)
+    t = interleaved({"slide": sliding, "enc": encoder_only, "dec": decoder_only}, device, repeats)
     out.update(sliding_ips=1 / t["slide"], encoder_ips=1 / t["enc"], ratio=t["enc"] / t["slide"])
-    square = image[:, :, :crop, :crop].contiguous()
+    # the ratio's ceiling: encoder time over encoder + decoder/head time, per window
+    per_window = t["enc"] / len(crops)
+    out.update(decoder_s=t["dec"], ceiling=per_window / (per_window + t["dec"]))
 
     def enc_with(kind: str):
         def once():

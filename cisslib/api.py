@@ -290,6 +290,7 @@ class LoadedStep:
             window=e.window,
             stride=e.stride,
             tau=tau,
+            window_batch=e.window_batch,
         )
         return {
             "image": img.permute(1, 2, 0).clamp(0, 255).round().byte().numpy(),

@@ -113,7 +113,7 @@ def build_eval_settings(cfg: Config, num_workers: int) -> EvalSettings:
     """The evaluator's settings from the ``eval`` keys."""
     e = cfg.eval
     return EvalSettings(
-        window=e.window, stride=e.stride, tau=e.tau,
+        window=e.window, stride=e.stride, window_batch=e.window_batch, tau=e.tau,
         count_pred_only=e.miou_denominator == "gt_or_pred", max_images=e.max_images,
         zero_shot_probe=e.zero_shot_probe, shift_diagnostics=e.shift_diagnostics,
         num_workers=num_workers, calibration_bins=e.calibration_bins,

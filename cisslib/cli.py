@@ -30,8 +30,14 @@ from cisslib.protocol import NUM_CLASSES, SETTINGS
 from cisslib.report.batch import run_batch
 from cisslib.report.lab import run_lab
 from cisslib.report.workbook import NotebookError, build_report
-from cisslib.runs import RunFolderError
-from cisslib.toy.clip import pretrain_tiny_clip
+from cisslib.runs import RunFolderError, setup_logging
+from cisslib.toy.clip import (
+    pretrain_tiny_clip,
+    shipped_difference,
+    shipped_path,
+    write_shipped_weights,
+)
+from cisslib.toy.recipe import ToyClipConfig
 
 
 class ReportError(ValueError):
@@ -134,7 +140,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def cmd_toy_clip(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    path = pretrain_tiny_clip(progress=True)
+    path = pretrain_tiny_clip(progress=True, force=args.force)
     meta = clip_file_meta(path)
     print(f"tiny CLIP: {path}")
     print(f"zero-shot accuracy on single-object images: {meta.get('zero_shot_accuracy')}")
@@ -142,11 +148,23 @@ def cmd_toy_clip(args: argparse.Namespace) -> int:
         f"pretraining seconds (when trained): {meta.get('seconds')}; this call: "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    if args.write_shipped:
+        print(f"wrote the shipped weights {write_shipped_weights(path)}")
+    elif args.force and (diff := shipped_difference(path)) is not None:
+        if diff == 0:
+            print(f"reproduced: identical to the shipped weights {shipped_path(ToyClipConfig())}")
+        else:
+            print(
+                f"not reproduced: the weights differ from the shipped ones by up to {diff:.3g} "
+                "(another CPU or torch version rounds differently); the cache now holds the "
+                "retrained ones"
+            )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = paths.in_project(args.out)
+    setup_logging(None)  # the demo's own lines (tiny CLIP, each run done) reach the console
     report = run_demo(out, params=_params_path(args.params), overrides=args.set)
     print(report)
     return 0
@@ -206,7 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
-        "toy-clip", parents=[debug], help="pretrain (or load from cache) the embedded tiny CLIP"
+        "toy-clip",
+        parents=[debug],
+        help="the embedded tiny CLIP: the shipped weights, or pretrain (or load from cache)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="pretrain now into the cache (about 6 minutes) and compare with the shipped weights",
+    )
+    p.add_argument(
+        "--write-shipped",
+        action="store_true",
+        help="maintainers: write cisslib/toy/weights/ from the cached weights (a new recipe)",
     )
     p.set_defaults(func=cmd_toy_clip)
 
@@ -244,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser(
-        "demo", parents=[debug], help="toy world: full method vs fine-tuning, HTML report"
+        "demo", parents=[debug], help="toy world: full method vs fine-tuning vs joint, HTML report"
     )
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--params", default="demo")

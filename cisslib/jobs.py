@@ -23,8 +23,13 @@ from cisslib.toy.clip import pretrain_tiny_clip
 log = logging.getLogger("cisslib")
 
 
+#: The demo's runs: the method, its lower bound and its upper bound (all classes in one step).
+DEMO_PRESETS = ("full", "finetune", "joint")
+
+
 def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
-    """Pretrain (or load) the tiny CLIP, run the full method and fine-tuning, write a report.
+    """Load (or pretrain) the tiny CLIP; run the full method, fine-tuning and joint training;
+    write a report.
 
     Returns the path of ``<out>/report.html``. Existing complete runs in ``out`` are reused
     (resume), so a second call only rebuilds the report.
@@ -34,7 +39,7 @@ def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
     pretrain_tiny_clip(progress=True)
     log.info("demo: tiny CLIP ready after %.0f s", time.perf_counter() - t0)
     runs = []
-    for preset in ("full", "finetune"):
+    for preset in DEMO_PRESETS:
         run_dir = out / preset
         runs.append(
             run(
@@ -46,7 +51,7 @@ def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
         )
         log.info("demo: %s done after %.0f s", preset, time.perf_counter() - t0)
     report = build_report(
-        runs, out / "report.html", title="cisslib demo: full method vs fine-tuning"
+        runs, out / "report.html", title="cisslib demo: full method vs fine-tuning vs joint"
     )
     log.info("demo: report %s after %.0f s", report, time.perf_counter() - t0)
     return report

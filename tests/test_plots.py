@@ -237,6 +237,40 @@ def test_forgetting_curves(data):
     assert wb.axes[0].get_ylabel() == "mIoU (%), with_bg, tau = 0.4"
 
 
+def test_a_one_step_run_is_a_level_in_the_all_classes_panel(tmp_path, runs):
+    """joint beside incremental runs: a dashed horizontal line at its mIoU in the last panel,
+    absent from the panels whose class groups it does not share."""
+    joint = write_fake_run(tmp_path, "full", run="joint")
+    summary = pd.read_csv(joint / "metrics" / "summary.csv")
+    summary = summary[summary["step"] == 0].assign(preset="joint")
+    summary.loc[summary["convention"] == "fg_only", "mIoU"] = 0.55
+    summary.to_csv(joint / "metrics" / "summary.csv", index=False)
+    d = plots.load_runs([*runs, joint])
+    fig = plots.forgetting_curves(d["summary"], "fg_only")
+    for ax in fig.axes[:3]:
+        assert [ln.get_label() for ln in _data_lines(ax)] == ["toy_full", "toy_finetune"]
+    level = next(ln for ln in fig.axes[3].lines if ln.get_label() == "joint (one step)")
+    assert level.get_linestyle() == "--"
+    np.testing.assert_allclose(level.get_ydata(), [55, 55])
+    assert len(_data_lines(fig.axes[3])) == 3
+
+
+def test_calibrated_tau_labels_the_with_bg_figures(tmp_path):
+    run = write_fake_run(tmp_path, "full", run="calibrated")
+    cfg = (
+        (run / "config.yaml").read_text().replace("  tau: 0.4\n", "  tau: 0.4\n  tau_from: train\n")
+    )
+    (run / "config.yaml").write_text(cfg)
+    assert plots.load_runs(run)["runs"]["tau"].isna().all()  # chosen after step 0: not yet
+    rows = "run,preset,step,tau,tau_from,images,miou_with_bg\n"
+    rows += "calibrated,full,0,0.15,train step 0,100,0.3\ncalibrated,full,1,0.15,step 0,0,\n"
+    (run / "metrics" / "threshold.csv").write_text(rows)
+    d = plots.load_runs(run)
+    assert d["runs"]["tau"].tolist() == [0.15]
+    wb = plots.forgetting_curves(d["summary"], "with_bg")
+    assert wb.axes[0].get_ylabel() == "mIoU (%), with_bg, tau = 0.15"
+
+
 def test_per_class_heatmap(data):
     fig = plots.per_class_heatmap(data["per_class"], "toy_finetune", "fg_only")
     assert len(fig.axes) == 2  # heatmap + colorbar

@@ -98,6 +98,29 @@ def test_sliding_any_size(tiny_segmenter, tiny_text, size):
 def test_sliding_bad_arguments(tiny_segmenter, tiny_text):
     with pytest.raises(ValueError, match="stride 80 > window 64"):
         tiny_segmenter.sliding_scores(_img(8, 8), tiny_text, window=64, stride=80)
+    with pytest.raises(ValueError, match="window_batch 0 must be >= 1"):
+        tiny_segmenter.sliding_scores(_img(8, 8), tiny_text, window=4, stride=4, window_batch=0)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 4, 100])
+def test_windows_in_batches_equal_one_at_a_time(tiny_segmenter, tiny_text, batch):
+    """Two images, 2 x 3 = 6 windows of 32 x 32: the average, and every window's box and
+    presence as the callback sees them, are those of one window per forward (exactly, on CPU)."""
+    x = _img(48, 72, b=2, seed=3)
+    seen = {1: [], batch: []}
+
+    def recorder(key):
+        return lambda y0, y1, x0, x1, p: seen[key].append(((y0, y1, x0, x1), p.clone()))
+
+    one = tiny_segmenter.sliding_scores(x, tiny_text, 32, 20, recorder(1))
+    many = tiny_segmenter.sliding_scores(x, tiny_text, 32, 20, recorder(batch), window_batch=batch)
+    assert torch.equal(one, many)
+    assert [b for b, _ in seen[1]] == [b for b, _ in seen[batch]] and len(seen[1]) == 6
+    for (_, p1), (_, pb) in zip(seen[1], seen[batch], strict=True):
+        assert p1.shape == (2, 5) and torch.equal(p1, pb)
+    # each window's scores are the forward of that crop alone
+    crop = tiny_segmenter.score_maps(x[:, :, :32, :32], tiny_text)
+    assert torch.allclose(many[:, :, :16, :16], crop[:, :, :16, :16], atol=1e-6)
 
 
 def test_segment_labels(tiny_segmenter, tiny_text):

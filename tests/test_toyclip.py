@@ -14,6 +14,8 @@ from cisslib.data.toyworld import TOY_CLASSES, TOY_COLOURS, ToyWorld
 from cisslib.model.clip import WeightsError, clip_file_meta, load_clip
 from cisslib.toy import captions, recipe
 from cisslib.toy import pool as pool_mod
+from cisslib.toy import shipped as shipped_mod
+from cisslib.toy.shipped import read_shipped
 
 
 def _tiny(**kw) -> recipe.ToyClipConfig:
@@ -231,7 +233,9 @@ def test_config_validation_and_key():
 
 def test_cli_prints_path_seconds_accuracy(capsys, monkeypatch):
     small = _tiny(eval_n=10)
-    monkeypatch.setattr(cli, "pretrain_tiny_clip", lambda progress: tc.pretrain_tiny_clip(small))
+    monkeypatch.setattr(
+        cli, "pretrain_tiny_clip", lambda progress, force: tc.pretrain_tiny_clip(small)
+    )
     assert cli.main(["toy-clip"]) == 0
     out = capsys.readouterr().out
     meta = clip_file_meta(tc.checkpoint_path(small))
@@ -282,3 +286,104 @@ def test_zero_shot_predictions_against_the_drawn_objects():
     assert 0 < circles < 1
     acc = tc.zero_shot_accuracy(_ColourOnlyClip(), tc.SimpleTokenizer(context_length=16), n=60)
     assert acc == pytest.approx(circles)
+
+
+def test_the_shipped_file_is_the_default_recipe_and_fills_the_cache_without_training(
+    monkeypatch,
+):
+    default = recipe.ToyClipConfig()
+    shipped = tc.shipped_path(default)
+    assert shipped is not None and shipped.parent == tc.SHIPPED_DIR
+    assert shipped.stat().st_size < 4 * 2**20  # "a few MB at most"
+    obj = read_shipped(shipped)
+    meta = obj["meta"]
+    assert meta["config_key"] == default.key() == shipped.stem
+    assert meta["config"] == tc.dataclasses.asdict(default)
+    assert obj["model_cfg"] == recipe.model_cfg(default)
+    assert meta["zero_shot_accuracy"] >= 0.9  # issue 12: keep the tiny CLIP's accuracy >= 0.9
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained although the default weights ship")
+
+    monkeypatch.setattr(tc, "_train", fail)
+    path = tc.pretrain_tiny_clip()
+    assert path == tc.checkpoint_path(default) and path.is_file()
+    written = clip_file_meta(path)
+    assert written["shipped"] is True and written["config_key"] == default.key()
+    model, _ = load_clip(pretrained=path)
+    state = model.state_dict()
+    # every tensor but the token embedding is stored as is; of that, only the rows training moved
+    for key, value in obj["state_dict"].items():
+        assert torch.equal(state[key], value), key
+    emb = state[shipped_mod.TOKEN_KEY]
+    assert torch.equal(emb[obj["token_rows"]], obj["token_values"])
+    assert shipped_mod.tensor_digest(emb) == obj["token_digest"]
+    assert 0 < len(obj["token_rows"]) < 100 < emb.shape[0]
+    monkeypatch.setattr(tc, "shipped_state", fail)
+    assert tc.pretrain_tiny_clip() == path  # from now on: the cache
+    assert tc.shipped_path(_tiny()) is None  # another recipe has no shipped file
+
+
+def test_compact_keeps_what_training_moved_and_refuses_other_initial_values(monkeypatch):
+    cfg = _tiny(steps=3)
+    init = tc.initial_state(cfg)
+    with tc._deterministic(cfg.threads):
+        model, _, _ = tc._train(cfg, progress=False)
+    state = model.state_dict()
+    emb, emb0 = state[shipped_mod.TOKEN_KEY], init[shipped_mod.TOKEN_KEY]
+    # the caption tokens moved, no other row did (no decay on embeddings, Adam's zero step)
+    tok = tc.SimpleTokenizer(context_length=cfg.context_length)
+    texts = [t.format(n) for t in captions.CAPTION_TEMPLATES for n in TOY_CLASSES]
+    texts += [
+        t.format("a red circle, a blue bar and a green ring") for t in captions.MULTI_TEMPLATES
+    ]
+    used = set(tok(texts + list(captions.BACKGROUND_CAPTIONS)).unique().tolist())
+    moved = set(torch.nonzero((emb != emb0).any(dim=1)).flatten().tolist())
+    assert moved and moved <= used
+    obj = shipped_mod.compact(state, init)
+    assert set(obj["token_rows"].tolist()) == moved
+    full = shipped_mod.expand(obj, init)
+    assert full.keys() == state.keys() and all(torch.equal(full[k], state[k]) for k in state)
+    other = {**init, shipped_mod.TOKEN_KEY: emb0 + 1e-3}
+    assert shipped_mod.expand(obj, other) is None
+
+
+def test_shipped_weights_that_do_not_rebuild_fall_back_to_pretraining(monkeypatch, caplog):
+    default = recipe.ToyClipConfig()
+    real = tc.initial_state
+
+    def other_init(cfg):
+        state = real(cfg)
+        return {**state, shipped_mod.TOKEN_KEY: state[shipped_mod.TOKEN_KEY] * 2}
+
+    def sentinel(*args, **kwargs):
+        raise RuntimeError("pretraining")
+
+    monkeypatch.setattr(tc, "initial_state", other_init)
+    monkeypatch.setattr(tc, "_train", sentinel)
+    with pytest.raises(RuntimeError, match="pretraining"):
+        tc.pretrain_tiny_clip(default, progress=False)
+    assert "do not rebuild" in caplog.text
+    assert not tc.checkpoint_path(default).exists()
+
+
+def test_weights_difference_by_hand():
+    a = {"w": torch.zeros(2, 3), "b": torch.ones(3)}
+    b = {"w": torch.zeros(2, 3), "b": torch.tensor([1.0, 1.25, 1.0])}
+    assert tc.weights_difference(a, a) == 0.0
+    assert tc.weights_difference(a, b) == 0.25
+    assert tc.weights_difference(a, {"w": torch.zeros(2, 3)}) == math.inf
+    assert tc.weights_difference(a, {**a, "w": torch.zeros(3, 2)}) == math.inf
+
+
+@pytest.mark.slow
+def test_toy_clip_force_reproduces_the_shipped_weights(capsys):
+    """`cisslib toy-clip --force` pretrains the default recipe (about 6 minutes on 2 cores) into
+    the test's own cache and finds the shipped weights exactly."""
+    assert cli.main(["toy-clip", "--force"]) == 0
+    out = capsys.readouterr().out
+    default = recipe.ToyClipConfig()
+    trained = tc.checkpoint_path(default)
+    assert clip_file_meta(trained).get("shipped") is None  # trained, not rebuilt
+    assert tc.shipped_difference(trained) == 0.0
+    assert "reproduced: identical to the shipped weights" in out

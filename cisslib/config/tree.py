@@ -169,7 +169,16 @@ class EvalConfig:
     max_long: int = 2048
     window: int = 512  # sliding window (SPEC 4)
     stride: int = 341
+    # windows of an image per forward (speed, issue 13): the scores equal one window at a time
+    # (the authors) up to float rounding; 1 = one at a time. Memory grows with it (ADE: about
+    # 0.6 GB of scores per 512 x 512 window of 150 classes on the device).
+    window_batch: int = 4
     tau: float = 0.5  # with_bg convention: background where max score < tau
+    # where with_bg's tau comes from: fixed (eval.tau) | train (after step 0, the value of
+    # TAU_GRID with the best with_bg mIoU on eval.tau_images training images of step 0, then
+    # kept for every later step; never the val set). threshold.csv records it per step.
+    tau_from: str = "fixed"
+    tau_images: int = 100
     max_images: int = 0  # evaluate on the first N val images only (0 = all)
     # mIoU denominator: gt_or_pred (authors / detectron2: classes with GT or predicted pixels;
     # a predicted-only class counts as IoU 0) | gt (classes with GT pixels only)

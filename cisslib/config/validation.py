@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.gpd_reduction": ("sum", "mean"),
     "loss.gpd_pool_at": ("mask", "feature"),
     "eval.miou_denominator": ("gt_or_pred", "gt"),
+    "eval.tau_from": ("fixed", "train"),
     "model.decoder": ("atm", "none"),
     "model.attention": ("auto", "fast_path", "plain"),  # speed (issue 13)
     "train.augment_dtype": ("auto", "float32", "uint8"),
@@ -60,7 +61,9 @@ MIN_INT: dict[str, int] = {
     "eval.max_long": 1,
     "eval.window": 1,
     "eval.stride": 1,
+    "eval.window_batch": 1,
     "eval.max_images": 0,
+    "eval.tau_images": 1,
 }
 
 #: Float keys: (low, high, low allowed, high allowed); every float must also be finite.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ class EvalSettings:
 
     window: int = 512
     stride: int = 341
+    window_batch: int = 4
     tau: float = 0.5
     count_pred_only: bool = True  # eval.miou_denominator == "gt_or_pred"
     max_images: int = 0
@@ -52,9 +53,12 @@ class EvalResult:
     shift: list[dict] = field(default_factory=list)
     pixel_flow: list[dict] = field(default_factory=list)
     calibration: list[dict] = field(default_factory=list)
+    threshold: list[dict] = field(default_factory=list)  # the with_bg tau used (engine/threshold)
 
     #: the tables of the run folder this result holds rows for
-    TABLES = ("summary", "per_class", "zero_shot", "shift", "pixel_flow", "calibration")
+    TABLES = (
+        "summary", "per_class", "zero_shot", "shift", "pixel_flow", "calibration", "threshold",
+    )  # fmt: skip
 
 
 class Evaluator:
@@ -125,8 +129,9 @@ class Evaluator:
         s = self.settings
         with self.runtime.autocast():
             scores = model.sliding_scores(
-                image, text, window=s.window, stride=s.stride, on_window=on_window
-            )
+                image, text, window=s.window, stride=s.stride, on_window=on_window,
+                window_batch=s.window_batch,
+            )  # fmt: skip
         return scores.float()
 
     # ---------------------------------------------------------------- metrics
@@ -142,15 +147,17 @@ class Evaluator:
         model: nn.Module,
         step: int,
         reference_prototypes: Callable[[], torch.Tensor] | None = None,
+        tau: float | None = None,
     ) -> EvalResult:
         """Metrics, the zero-shot probe (when enabled and classes remain) and the shift rows.
 
         ``reference_prototypes`` returns the class prototypes under the original CLIP (the
-        runner computes them once per run); without it ``drift_cos`` is NaN.
+        runner computes them once per run); without it ``drift_cos`` is NaN. ``tau``: the
+        with_bg threshold of this evaluation (default ``settings.tau``).
         """
         was_training = model.training
         model.eval()  # the whole evaluation in eval mode (also the prototypes)
-        result = self._run(model, step, probe=self.settings.zero_shot_probe, full=True)
+        result = self._run(model, step, probe=self.settings.zero_shot_probe, full=True, tau=tau)
         if self.settings.shift_diagnostics:
             ref = reference_prototypes() if reference_prototypes is not None else None
             protos = self.prototypes(unwrap(model).encoder)
@@ -167,18 +174,21 @@ class Evaluator:
         model.train(was_training)
         return result
 
-    def _run(self, model: nn.Module, step: int, probe: bool, full: bool = False) -> EvalResult:
+    def _run(
+        self, model: nn.Module, step: int, probe: bool, full: bool = False, tau: float | None = None
+    ) -> EvalResult:
         """One pass over the val set: metrics, the probe when ``probe``, and with ``full`` the
         pixel flow and the presence calibration of the step."""
         sc, s = self.scenario, self.settings
+        tau = s.tau if tau is None else tau
         was_training = model.training
         model.eval()
         c_t, k = sc.num_seen(step), sc.num_classes
         device = self.runtime.device
         text_t, text_all = self.text[:c_t].to(device), self.text.to(device)
         lut_t, lut_all = self._lut(step), self._lut(sc.n_steps - 1)
-        seen = SegMetrics(c_t, tau=s.tau, count_pred_only=s.count_pred_only)
-        every = SegMetrics(k, tau=s.tau, count_pred_only=s.count_pred_only)
+        seen = SegMetrics(c_t, tau=tau, count_pred_only=s.count_pred_only)
+        every = SegMetrics(k, tau=tau, count_pred_only=s.count_pred_only)
         do_probe = probe and c_t < k
         is_old = self.step_of_label[1 : c_t + 1] < step
         calibration = PresenceCalibration(is_old, bins=s.calibration_bins) if full else None
@@ -211,6 +221,33 @@ class Evaluator:
         if was_training:
             model.train()
         return result
+
+    @torch.no_grad()
+    def tau_sweep(
+        self, model: nn.Module, step: int, dataset: StepDataset, grid: Sequence[float]
+    ) -> list[float]:
+        """with_bg mIoU (all seen classes) of ``model`` after ``step`` for every ``tau`` of
+        ``grid``, on ``dataset`` (this process's share of the images, labels already in the
+        step's label space): the ``eval.tau_from: train`` calibration."""
+        s = self.settings
+        was_training = model.training
+        model.eval()
+        c_t, device = self.scenario.num_seen(step), self.runtime.device
+        text_t = self.text[:c_t].to(device)
+        per_tau = [SegMetrics(c_t, tau=t, count_pred_only=s.count_pred_only) for t in grid]
+        loader = val_loader(dataset, s.num_workers, pin_memory=device.type == "cuda")
+        for image, labels in loader:
+            scores = self._scores(model, image.to(device, non_blocking=True), text_t)
+            labels = labels.to(device)
+            for m in per_tau:
+                m.update(scores, labels)
+        out = []
+        for m in per_tau:
+            m.all_reduce_()
+            summary, _ = m.summary(step, self.step_of_label, self.class_names[:c_t])
+            out.append(next(r["mIoU"] for r in summary if r["convention"] == "with_bg"))
+        model.train(was_training)
+        return out
 
     def _zero_shot_rows(self, every: SegMetrics, step: int) -> list[dict]:
         """IoU of the classes of future steps, predicted with every class's text."""

@@ -55,6 +55,7 @@ from cisslib.engine.runtime import (
     plan_threads,
     seed_everything,
 )
+from cisslib.engine.threshold import TauRule
 from cisslib.engine.trainer import StepTrainer
 from cisslib.files import atomic_torch_save, read_torch
 from cisslib.metrics.continual import CONTINUAL_INPUTS, continual_tables
@@ -126,6 +127,11 @@ class Runner:
         self.evaluator = Evaluator(
             self.scenario, self.text, self.class_names, self.val_source, test_transform,
             build.build_eval_settings(cfg, self.threads.workers), self.runtime, self.meta,
+        )  # fmt: skip
+        e = cfg.eval
+        self.tau_rule = TauRule(
+            e.tau_from, e.tau, e.tau_images, self.scenario, self.membership, self.train_source,
+            self.evaluator, self.runtime, self.meta, self.run.table("threshold"),
         )  # fmt: skip
         self.resume_point = ResumePoint(self.run.last_checkpoint, enabled=main)
         self._ref_protos: torch.Tensor | None = None
@@ -395,7 +401,9 @@ class Runner:
 
     def _finish_step(self, step: int, model: nn.Module, best: BestState, cost: StepCost) -> None:
         """Evaluate, write the step's rows and its checkpoint; the resume point goes."""
-        result: EvalResult = self.evaluator.evaluate(model, step, self._reference_prototypes)
+        tau, threshold = self.tau_rule.for_step(step, model, self.tables["threshold"].rows)
+        result: EvalResult = self.evaluator.evaluate(model, step, self._reference_prototypes, tau)
+        result.threshold = threshold
         if self.cfg.train.select_best_on_val:
             self._track_best(model, step, best)
         cost.evaluated()

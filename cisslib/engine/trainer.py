@@ -68,9 +68,13 @@ class FiniteWatch:
         values = dict(zip(self.keys, self.values.tolist(), strict=True))
         if "total" not in values or math.isfinite(values["total"]):
             values = {"total": float("nan")}  # another rank's loss was not finite
+        bad = [k for k, v in values.items() if k != "total" and not math.isfinite(v)]
+        lr_key = "train.base.lr" if self.step == 0 else "train.incremental.lr"
         raise FloatingPointError(
-            f"step {self.step} iteration {it}: loss is {values['total']} "
-            f"({values}); lower the LR or use fp32/bf16"
+            f"step {self.step} iteration {it}: loss is {values['total']} ({values}); "
+            f"non-finite term(s): {', '.join(bad) or 'total only'}. A term that is non-finite "
+            f"from its first iteration points at its input (images, labels, text embeddings); "
+            f"one that diverges later: lower {lr_key}, or use fp32/bf16 instead of fp16"
         )
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
-import yaml
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
@@ -33,7 +32,7 @@ from cisslib.api import load_step
 from cisslib.constants import CONVENTIONS
 from cisslib.paths import DEMO_HINT, in_project
 from cisslib.report.examples import show_example
-from cisslib.runs import RunDir
+from cisslib.runs import RunDir, run_tau
 from cisslib.session import interactive
 
 DEFAULT_TAU = 0.5
@@ -51,16 +50,6 @@ def available_steps(run_dir: str | os.PathLike) -> list[int]:
             "(cisslib run) first"
         )
     return steps
-
-
-def config_tau(run_dir: str | os.PathLike) -> float | None:
-    """``eval.tau`` from the run's resolved ``config.yaml``, or None when absent."""
-    path = RunDir(run_dir).config
-    if not path.is_file():
-        return None
-    cfg = yaml.safe_load(path.read_text()) or {}
-    tau = (cfg.get("eval") or {}).get("tau") if isinstance(cfg, dict) else None
-    return float(tau) if tau is not None else None
 
 
 def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
@@ -116,7 +105,7 @@ class Explorer(widgets.VBox):
         self._updating = False
         self.figure: Figure | None = None
         self.example: dict | None = None
-        tau = tau if tau is not None else config_tau(self.run_dir)
+        tau = tau if tau is not None else run_tau(self.run_dir)
         tau = DEFAULT_TAU if tau is None else tau
 
         self.step = widgets.Dropdown(options=steps, value=steps[-1], description="step")

@@ -93,7 +93,9 @@ def _colors(keys: Sequence[str]) -> dict[str, tuple]:
 # --------------------------------------------------------------------------------------- figures
 def forgetting_curves(summary: pd.DataFrame, convention: str = "fg_only") -> Figure:
     """mIoU (%) of base / old / new / all classes per step: one panel per metric (titled with the
-    ``FORGETTING_METRICS`` column it plots), one line per run, the convention (and tau) below."""
+    ``FORGETTING_METRICS`` column it plots), one line per run, the convention (and tau) below.
+    A one-step run (joint) beside multi-step runs is a dashed level of its all-class mIoU in the
+    last panel (its classes are all "new" of its one step, so its other groups do not compare)."""
     check_convention(convention)
     check_columns(summary, "summary")
     taus = summary.attrs.get("tau")
@@ -103,8 +105,14 @@ def forgetting_curves(summary: pd.DataFrame, convention: str = "fg_only") -> Fig
     labels = _labels(s)
     colors = _colors(list(labels))
     fig, axes = _figure(len(FORGETTING_METRICS))
+    several = s["step"].nunique() > 1
     for ax, (metric, what) in zip(axes[0], FORGETTING_METRICS.items(), strict=True):
         for run, g in s.groupby("run", sort=False):
+            if several and g["step"].nunique() == 1:  # joint: a level, not a curve
+                if metric == "mIoU":  # its other groups are not the setting's (all are new)
+                    ax.axhline(100 * g[metric].iloc[0], ls="--", color=colors[run],
+                               label=f"{labels[run]} (one step)")  # fmt: skip
+                continue
             ax.plot(g["step"], 100 * g[metric], marker="o", color=colors[run], label=labels[run])
         ax.set_title(f"{metric}\n{what}", fontsize="medium")
         ax.set_xlabel("step")

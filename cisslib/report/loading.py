@@ -3,8 +3,9 @@
 :func:`load_runs` reads every folder with :func:`cisslib.runs.load_runs`. Two folders whose runs
 share a name (``.../demo/full`` and ``.../demo_real/full`` are both ``full``) are relabelled by the
 shortest tail of their paths that tells them apart (``demo/full``, ``demo_real/full``), in every
-table. Each table's ``attrs["tau"]`` maps run label -> ``eval.tau`` of its ``config.yaml``, so
-figures and tables can state the ``with_bg`` threshold; ``data["runs"]`` lists the runs.
+table. Each table's ``attrs["tau"]`` maps run label -> the with_bg tau its evaluations used
+(:func:`cisslib.runs.run_tau`: calibrated or ``eval.tau``), so figures and tables can state it;
+``data["runs"]`` lists the runs.
 """
 
 from __future__ import annotations
@@ -14,19 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from cisslib import runs as run_tables
 from cisslib.paths import as_list, in_project
-from cisslib.runs import TABLES, RunDir
+from cisslib.runs import TABLES, run_tau
 
 RUNS_COLUMNS = ("run", "folder", "preset", "seed", "tau")
-
-
-def _config(folder: Path) -> dict:
-    path = RunDir(folder).config
-    data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return data if isinstance(data, dict) else {}
 
 
 def unique_labels(names: list[str], folders: list[Path]) -> list[str]:
@@ -72,9 +66,7 @@ def load_runs(run_dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict
     labels = unique_labels(names, folders)
     runs_rows, taus = [], {}
     for folder, tables, label in zip(folders, loaded, labels, strict=True):
-        cfg = _config(folder)
-        tau = (cfg.get("eval") or {}).get("tau")
-        taus[label] = float(tau) if tau is not None else None
+        taus[label] = run_tau(folder)
         first = tables["summary"].iloc[0]
         runs_rows.append(
             dict(run=label, folder=str(folder), preset=first["preset"], seed=first["seed"],

@@ -7,6 +7,9 @@ are all positives of each other (multi-positive soft targets). Pixels are normal
 CLIP's mean/std. The model is cached under ``cache_dir()/toyclip/<recipe hash>.pt`` in the one
 CLIP file format of :func:`cisslib.model.clip.save_clip` (plus a ``meta`` entry: the recipe, the
 zero-shot accuracy, the seconds it took) and loads with :func:`cisslib.model.clip.load_clip`.
+The default recipe's weights ship in ``cisslib/toy/weights/`` (compact, :mod:`cisslib.toy.shipped`)
+and fill an empty cache in seconds; ``cisslib toy-clip --force`` retrains them and says whether
+they reproduced.
 The recipe, its measured accuracy and time are in the README ("The embedded toy world").
 """
 
@@ -34,6 +37,7 @@ from cisslib.model.clip import save_clip
 from cisslib.toy.captions import ZERO_SHOT_TEMPLATE
 from cisslib.toy.pool import make_batch, normalize_images, render_pool
 from cisslib.toy.recipe import ToyClipConfig, model_cfg
+from cisslib.toy.shipped import expand, read_shipped, write_shipped
 
 log = logging.getLogger("cisslib")
 
@@ -145,20 +149,64 @@ def _meta(cfg: ToyClipConfig, accuracy: float, final_loss: float, seconds: float
     }
 
 
+#: The default recipe's weights ship with cisslib (:mod:`cisslib.toy.shipped`), named by its config
+#: key, so that a run or the demo need not pretrain: the first use rebuilds them into the cache.
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
 def checkpoint_path(cfg: ToyClipConfig, cache_dir: str | Path | None = None) -> Path:
     """Where ``pretrain_tiny_clip(cfg)`` caches: ``<cache root>/toyclip/<cfg.key()>.pt``."""
     root = Path(cache_dir) if cache_dir is not None else files.cache_dir()
     return root / "toyclip" / f"{cfg.key()}.pt"
 
 
+def shipped_path(cfg: ToyClipConfig) -> Path | None:
+    """The shipped weights of ``cfg`` (``SHIPPED_DIR/<cfg.key()>.pt``), or None when none ship."""
+    path = SHIPPED_DIR / f"{cfg.key()}.pt"
+    return path if path.is_file() else None
+
+
+def initial_state(cfg: ToyClipConfig) -> dict:
+    """The state dict pretraining starts from (the recipe's seed; the global RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]), _deterministic(cfg.threads):
+        torch.manual_seed(cfg.seed)
+        return new_tiny_clip(cfg).state_dict()
+
+
+def shipped_state(cfg: ToyClipConfig) -> tuple[dict, dict] | None:
+    """``(full state dict, meta)`` of the shipped weights of ``cfg``; None when none ship or
+    they do not rebuild here (logged)."""
+    path = shipped_path(cfg)
+    if path is None:
+        return None
+    obj = read_shipped(path)
+    state = expand(obj, initial_state(cfg))
+    if state is None:
+        log.warning("tiny CLIP: the shipped weights %s do not rebuild with torch %s (other "
+                    "initial values); pretraining instead", path, torch.__version__)  # fmt: skip
+        return None
+    return state, obj["meta"]
+
+
 def pretrain_tiny_clip(
-    cfg: ToyClipConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True
+    cfg: ToyClipConfig | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Path of the pretrained tiny CLIP for ``cfg``, training and caching it on first use."""
+    """Path of the tiny CLIP of ``cfg`` in the cache: the cached file; else the shipped weights
+    rebuilt into it (seconds); else trained now. ``force``: train now and replace the entry."""
     cfg = cfg or ToyClipConfig()
     path = checkpoint_path(cfg, cache_dir)
-    if path.exists():
+    if not force and path.exists():
         log.info("tiny CLIP: cached %s", path)
+        return path
+    shipped = None if force else shipped_state(cfg)
+    if shipped is not None:
+        model = new_tiny_clip(cfg)
+        model.load_state_dict(shipped[0])
+        save_clip(model, model_cfg(cfg), path, meta={**shipped[1], "shipped": True})
+        log.info("tiny CLIP: the shipped weights -> %s", path)
         return path
     log.info("tiny CLIP: pretraining %d steps of %d -> %s", cfg.steps, cfg.batch_size, path)
     with _deterministic(cfg.threads):
@@ -168,6 +216,35 @@ def pretrain_tiny_clip(
     save_clip(model, model_cfg(cfg), path, meta=_meta(cfg, acc, final_loss, seconds))
     log.info("tiny CLIP: %.0f s, zero-shot accuracy %.3f, saved %s", seconds, acc, path)
     return path
+
+
+def write_shipped_weights(path: str | Path, cfg: ToyClipConfig | None = None) -> Path:
+    """Write the shipped file of ``cfg`` (default recipe) from its trained cisslib-clip file
+    ``path`` (maintainers, after a recipe change: ``cisslib toy-clip --force --write-shipped``)."""
+    cfg = cfg or ToyClipConfig()
+    out = SHIPPED_DIR / f"{cfg.key()}.pt"
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_shipped(out, obj["state_dict"], initial_state(cfg), obj["model_cfg"], obj.get("meta", {}))
+    return out
+
+
+def shipped_difference(path: str | Path, cfg: ToyClipConfig | None = None) -> float | None:
+    """How far the cisslib-clip file ``path`` is from the shipped weights of ``cfg`` (default
+    recipe): :func:`weights_difference`; None when none ship (or they do not rebuild here)."""
+    shipped = shipped_state(cfg or ToyClipConfig())
+    if shipped is None:
+        return None
+    trained = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return weights_difference(trained, shipped[0])
+
+
+def weights_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts (0.0: equal; ``inf`` when their
+    tensors differ in names or shapes)."""
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return math.inf
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a), default=0.0)
 
 
 @torch.no_grad()
