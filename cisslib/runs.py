@@ -35,7 +35,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from cisslib.files import atomic_path, read_torch, write_error
 from cisslib.protocol import scenario_setting
@@ -54,7 +53,6 @@ __all__ = [
     "read_table",
     "run_folders",
     "close_log_file",
-    "run_tau",
     "setup_logging",
     "write_table",
 ]
@@ -205,21 +203,6 @@ def read_table(path: str | Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def run_tau(run_dir: str | Path) -> float | None:
-    """The with_bg tau the run's evaluations used: step 0's row of ``metrics/threshold.csv``
-    (``eval.tau_from: train`` chooses it there and keeps it), else ``eval.tau`` of its
-    ``config.yaml`` (runs made before the table existed); None when neither is recorded."""
-    rd = RunDir(run_dir)
-    first = [r for r in read_table(rd.table("threshold")) if r.get("step") == "0"]
-    if first:
-        return float(first[0]["tau"])
-    cfg = yaml.safe_load(rd.config.read_text()) if rd.config.is_file() else None
-    ev = (cfg.get("eval") or {}) if isinstance(cfg, dict) else {}
-    if ev.get("tau_from", "fixed") != "fixed":
-        return None  # chosen after step 0, which has not been written yet
-    return float(ev["tau"]) if ev.get("tau") is not None else None
 
 
 class Table:

@@ -32,7 +32,8 @@ from cisslib.api import load_step
 from cisslib.constants import CONVENTIONS
 from cisslib.paths import DEMO_HINT, in_project
 from cisslib.report.examples import show_example
-from cisslib.runs import RunDir, run_tau
+from cisslib.report.loading import run_tau
+from cisslib.runs import RunDir
 from cisslib.session import interactive
 
 DEFAULT_TAU = 0.5

@@ -4,7 +4,7 @@
 share a name (``.../demo/full`` and ``.../demo_real/full`` are both ``full``) are relabelled by the
 shortest tail of their paths that tells them apart (``demo/full``, ``demo_real/full``), in every
 table. Each table's ``attrs["tau"]`` maps run label -> the with_bg tau its evaluations used
-(:func:`cisslib.runs.run_tau`: calibrated or ``eval.tau``), so figures and tables can state it;
+(:func:`run_tau`: calibrated or ``eval.tau``), so figures and tables can state it;
 ``data["runs"]`` lists the runs.
 """
 
@@ -15,12 +15,28 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from cisslib import runs as run_tables
 from cisslib.paths import as_list, in_project
-from cisslib.runs import TABLES, run_tau
+from cisslib.runs import TABLES, RunDir, read_table
 
 RUNS_COLUMNS = ("run", "folder", "preset", "seed", "tau")
+
+
+def run_tau(run_dir: str | Path) -> float | None:
+    """The with_bg tau the run's evaluations used: step 0's row of ``metrics/threshold.csv``
+    (``eval.tau_from: train`` chooses it there and keeps it), else ``eval.tau`` of its
+    ``config.yaml`` (runs made before the table existed); None when neither is recorded."""
+    rd = RunDir(run_dir)
+    first = [r for r in read_table(rd.table("threshold")) if r.get("step") == "0"]
+    if first:
+        return float(first[0]["tau"])
+    cfg = yaml.safe_load(rd.config.read_text()) if rd.config.is_file() else None
+    ev = (cfg.get("eval") or {}) if isinstance(cfg, dict) else {}
+    if ev.get("tau_from", "fixed") != "fixed":
+        return None  # chosen after step 0, which has not been written yet
+    return float(ev["tau"]) if ev.get("tau") is not None else None
 
 
 def unique_labels(names: list[str], folders: list[Path]) -> list[str]:

@@ -203,7 +203,8 @@ def pretrain_tiny_clip(
         return path
     shipped = None if force else shipped_state(cfg)
     if shipped is not None:
-        model = new_tiny_clip(cfg)
+        with torch.random.fork_rng(devices=[]):  # its initial values are overwritten
+            model = new_tiny_clip(cfg)
         model.load_state_dict(shipped[0])
         save_clip(model, model_cfg(cfg), path, meta={**shipped[1], "shipped": True})
         log.info("tiny CLIP: the shipped weights -> %s", path)
