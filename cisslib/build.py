@@ -54,7 +54,7 @@ def build_sources(cfg: Config) -> tuple[Any, Any]:
     sc = cfg.scenario
     if sc.dataset == "toy":
         t = sc.toy
-        common = dict(size=t.size, seed=t.seed, max_objects=t.max_objects)
+        common = dict(size=t.size, seed=t.seed, max_objects=t.max_objects, radius=tuple(t.radius))
         return (
             ToyWorld(split="train", length=t.train_length, **common),
             ToyWorld(split="val", length=t.val_length, **common),

@@ -83,6 +83,18 @@ def test_every_params_file_loads():
         load_config(f)
 
 
+def test_toy_world_keys_reach_the_sources():
+    from cisslib.build import build_sources
+
+    # smoke.yaml names no radius: the generator's default
+    train, val = build_sources(load_config(REPO / "params" / "smoke.yaml"))
+    assert train.radius == val.radius == (0.07, 0.24) and train.max_objects == 3
+    cfg = load_config(REPO / "params" / "toy_15-1.yaml", ["scenario.toy.radius=[0.1, 0.2]"])
+    train, val = build_sources(cfg)
+    assert train.radius == val.radius == (0.1, 0.2) and val.max_objects == 2
+    assert len(val) == 500 and train.split == "train" and val.split == "val"
+
+
 def test_missing_params_file():
     with pytest.raises(ConfigError, match=r"params file .*nope\.yaml does not exist"):
         load_config("nope.yaml")

@@ -228,6 +228,26 @@ def test_class_frequencies_roughly_uniform():
     assert np.all(np.abs(counts[1:] - expected) < 0.35 * expected)
 
 
+def test_scene_radius_bounds_every_object_and_keeps_the_default_world():
+    # the draw is uniform(low, high) * size, then scaled per shape (equal areas, _SHAPE_SCALE)
+    scale = {"circle": 0.9, "ring": 1.0, "cross": 1.05, "bar": 1.25}
+    w = ToyWorld("train", size=40, length=30, seed=0, radius=(0.1, 0.1))
+    for i in range(30):
+        for o in w.objects(i):
+            assert o.radius == pytest.approx(4.0 * scale[o.shape])
+    w = ToyWorld("train", size=64, length=30, seed=0, radius=(0.05, 0.12))
+    radii = [o.radius / scale[o.shape] / 64 for i in range(30) for o in w.objects(i)]
+    assert 0.05 <= min(radii) and max(radii) <= 0.12 and max(radii) - min(radii) > 0.04
+    # the same draws as the default world: the same classes, centres and angles
+    d = ToyWorld("train", size=64, length=30, seed=0)
+    for i in range(30):
+        a, b = d.objects(i), w.objects(i)
+        assert [(o.label, o.cx, o.cy, o.angle) for o in a] == [
+            (o.label, o.cx, o.cy, o.angle) for o in b
+        ]
+    assert d.params()["radius"] == [0.07, 0.24] and d.cache_key() != w.cache_key()
+
+
 def test_protocol_attributes_ids_and_cache_key():
     w = ToyWorld("val", size=64, length=5, seed=2)
     assert w.name == "toy" and w.split == "val" and w.ignore_index == 255
@@ -250,6 +270,9 @@ def test_protocol_attributes_ids_and_cache_key():
         ({"length": -1}, "length=-1"),
         ({"seed": -2}, "seed=-2"),
         ({"max_objects": 0}, "max_objects=0"),
+        ({"radius": (0.3, 0.2)}, r"radius=\[0.3, 0.2\]"),
+        ({"radius": (0.0, 0.2)}, r"radius=\[0.0, 0.2\]"),
+        ({"radius": (0.1, 0.6)}, r"radius=\[0.1, 0.6\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):

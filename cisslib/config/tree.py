@@ -46,6 +46,8 @@ class ToyWorldConfig:
     val_length: int = 200
     seed: int = 0
     max_objects: int = 4
+    # a scene object's size draw as [low, high] fractions of `size` (toyworld.SCENE_RADIUS)
+    radius: list[float] = field(default_factory=lambda: [0.07, 0.24])
 
 
 @dataclass

@@ -185,6 +185,12 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'train.short_sides' must list at least one size")
     if any(s < 1 for s in sides):
         raise ConfigError(f"{where}: key 'train.short_sides' must be positive sizes, got {sides}")
+    radius = cfg.scenario.toy.radius
+    if len(radius) != 2 or not 0.0 < radius[0] <= radius[1] <= 0.5:
+        raise ConfigError(
+            f"{where}: key 'scenario.toy.radius' is {radius}; give [low, high] with "
+            "0 < low <= high <= 0.5 (fractions of scenario.toy.size)"
+        )
     if len(cfg.model.out_indices) != cfg.model.num_stages:
         raise ConfigError(
             f"{where}: key 'model.out_indices' {cfg.model.out_indices} gives "

@@ -2,10 +2,11 @@
 
 Every image is generated on the fly from ``(seed, split, mode, index)`` with its own Philox
 generator, so image ``i`` of a split is identical on every machine and no global RNG is touched.
-Scenes hold 1..``max_objects`` coloured shapes on a cluttered, textured, muted background; later
-objects occlude earlier ones and the label map shows what is visible, so old and future classes
-share images as in VOC. ``ToyWorld`` implements the dataset "source" protocol of
-``cisslib.data.sources`` (``name``, ``split``, ``class_names``, ``ignore_index``, ``load``, ...).
+Scenes hold 1..``max_objects`` coloured shapes (size drawn from ``radius``, fractions of the
+image side) on a cluttered, textured, muted background; later objects occlude earlier ones and
+the label map shows what is visible, so old and future classes share images as in VOC.
+``ToyWorld`` implements the dataset "source" protocol of ``cisslib.data.sources`` (``name``,
+``split``, ``class_names``, ``ignore_index``, ``load``, ...).
 
 Class order (raw label ``k + 1`` <-> ``TOY_CLASSES[k]``) is interleaved: class ``k = 5 a + c``
 has colour ``c`` and shape ``(a + c) % 4``. Every block of five consecutive classes holds all five
@@ -70,6 +71,8 @@ _BAR_ASPECT = 0.3  # bar: width / length
 # circumradius multipliers that give the four shapes roughly equal areas for one size draw
 # (areas per radius^2 before scaling: circle 3.14, ring 2.36, cross 1.93, bar 1.38)
 _SHAPE_SCALE = {"circle": 0.9, "ring": 1.0, "cross": 1.05, "bar": 1.25}
+#: Size draw of a scene object (before ``_SHAPE_SCALE``): ``uniform(lo, hi) * size`` (px).
+SCENE_RADIUS: tuple[float, float] = (0.07, 0.24)
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,16 @@ def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def sample_objects(
-    rng: np.random.Generator, size: int, min_objects: int, max_objects: int, single: bool = False
+    rng: np.random.Generator,
+    size: int,
+    min_objects: int,
+    max_objects: int,
+    single: bool = False,
+    radius: tuple[float, float] = SCENE_RADIUS,
 ) -> list[ToyObject]:
     """Draw the objects of one scene (classes uniform, independent; drawing order = depth order).
 
+    ``radius``: a scene object's size draw as fractions of ``size`` (see ``SCENE_RADIUS``).
     ``single=True``: exactly one larger object near the centre (pretraining / zero-shot images).
     """
     n = 1 if single else int(rng.integers(min_objects, max_objects + 1))
@@ -199,7 +208,7 @@ def sample_objects(
             r = rng.uniform(0.17, 0.34) * size
             cx, cy = rng.uniform(0.32, 0.68, size=2) * size
         else:
-            r = rng.uniform(0.07, 0.24) * size
+            r = rng.uniform(radius[0], radius[1]) * size
             cx, cy = rng.uniform(0.08, 0.92, size=2) * size
         base = np.asarray(TOY_COLOURS[colour_name], dtype=np.float64)
         colour = base * rng.uniform(0.82, 1.1) + rng.uniform(-12.0, 12.0, size=3)
@@ -264,6 +273,7 @@ class ToyWorld:
         max_objects: int = 4,
         min_objects: int = 1,
         single_object: bool = False,
+        radius: tuple[float, float] = SCENE_RADIUS,
     ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split={split!r} is unknown; use one of {sorted(_SPLIT_CODES)}")
@@ -278,6 +288,12 @@ class ToyWorld:
                 f"min_objects={min_objects}, max_objects={max_objects}: "
                 "need 1 <= min_objects <= max_objects"
             )
+        lo, hi = (float(v) for v in radius) if len(radius) == 2 else (math.nan, math.nan)
+        if not 0.0 < lo <= hi <= 0.5:
+            raise ValueError(
+                f"radius={list(radius)!r} must be [low, high] with 0 < low <= high <= 0.5 "
+                "(a scene object's size as fractions of the image side)"
+            )
         self.split = split
         self.size = size
         self.length = length
@@ -285,6 +301,7 @@ class ToyWorld:
         self.max_objects = max_objects
         self.min_objects = min_objects
         self.single_object = single_object
+        self.radius = (lo, hi)
         self.class_names: list[str] = list(TOY_CLASSES)
 
     def __len__(self) -> int:
@@ -294,7 +311,7 @@ class ToyWorld:
         return (
             f"ToyWorld(split={self.split!r}, size={self.size}, length={self.length}, "
             f"seed={self.seed}, max_objects={self.max_objects}, min_objects={self.min_objects}, "
-            f"single_object={self.single_object})"
+            f"single_object={self.single_object}, radius={list(self.radius)})"
         )
 
     def _rngs(self, i: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -312,14 +329,14 @@ class ToyWorld:
         """The objects of image ``i`` in drawing order (the last one is on top)."""
         obj_rng, _ = self._rngs(i)
         return sample_objects(
-            obj_rng, self.size, self.min_objects, self.max_objects, self.single_object
+            obj_rng, self.size, self.min_objects, self.max_objects, self.single_object, self.radius
         )
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``(H, W, 3)`` uint8 RGB and raw label map ``(H, W)`` uint8 of item ``i``."""
         obj_rng, tex_rng = self._rngs(i)
         objs = sample_objects(
-            obj_rng, self.size, self.min_objects, self.max_objects, self.single_object
+            obj_rng, self.size, self.min_objects, self.max_objects, self.single_object, self.radius
         )
         return render_scene(objs, self.size, tex_rng)
 
@@ -350,6 +367,7 @@ class ToyWorld:
             "max_objects": self.max_objects,
             "min_objects": self.min_objects,
             "single_object": self.single_object,
+            "radius": list(self.radius),
         }
 
     def cache_key(self) -> str:
