@@ -19,3 +19,7 @@ PAD_VALUE = 128.0
 SHORT_SIDES_512: tuple[int, ...] = (
     256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024,
 )  # fmt: skip
+
+#: The toy world's size draw of a scene object, ``[low, high]`` fractions of the image side
+#: (``cisslib.data.toyworld``; the config key ``scenario.toy.radius`` defaults to it).
+TOY_SCENE_RADIUS: tuple[float, float] = (0.07, 0.24)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cisslib.constants import SHORT_SIDES_512
+from cisslib.constants import SHORT_SIDES_512, TOY_SCENE_RADIUS
 
 
 class ConfigError(ValueError):
@@ -46,8 +46,8 @@ class ToyWorldConfig:
     val_length: int = 200
     seed: int = 0
     max_objects: int = 4
-    # a scene object's size draw as [low, high] fractions of `size` (toyworld.SCENE_RADIUS)
-    radius: list[float] = field(default_factory=lambda: [0.07, 0.24])
+    # a scene object's size draw as [low, high] fractions of `size`
+    radius: list[float] = field(default_factory=lambda: list(TOY_SCENE_RADIUS))
 
 
 @dataclass

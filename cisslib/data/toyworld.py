@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cisslib.constants import VOID
+from cisslib.constants import TOY_SCENE_RADIUS, VOID
 from cisslib.files import sha256_text
 
 GENERATOR_VERSION = "toyworld-v2"
@@ -71,8 +71,6 @@ _BAR_ASPECT = 0.3  # bar: width / length
 # circumradius multipliers that give the four shapes roughly equal areas for one size draw
 # (areas per radius^2 before scaling: circle 3.14, ring 2.36, cross 1.93, bar 1.38)
 _SHAPE_SCALE = {"circle": 0.9, "ring": 1.0, "cross": 1.05, "bar": 1.25}
-#: Size draw of a scene object (before ``_SHAPE_SCALE``): ``uniform(lo, hi) * size`` (px).
-SCENE_RADIUS: tuple[float, float] = (0.07, 0.24)
 
 
 @dataclass(frozen=True)
@@ -192,11 +190,12 @@ def sample_objects(
     min_objects: int,
     max_objects: int,
     single: bool = False,
-    radius: tuple[float, float] = SCENE_RADIUS,
+    radius: tuple[float, float] = TOY_SCENE_RADIUS,
 ) -> list[ToyObject]:
     """Draw the objects of one scene (classes uniform, independent; drawing order = depth order).
 
-    ``radius``: a scene object's size draw as fractions of ``size`` (see ``SCENE_RADIUS``).
+    ``radius``: a scene object's size draw, ``uniform(low, high) * size`` before the shape's
+    equal-area scale (default ``cisslib.constants.TOY_SCENE_RADIUS``).
     ``single=True``: exactly one larger object near the centre (pretraining / zero-shot images).
     """
     n = 1 if single else int(rng.integers(min_objects, max_objects + 1))
@@ -273,7 +272,7 @@ class ToyWorld:
         max_objects: int = 4,
         min_objects: int = 1,
         single_object: bool = False,
-        radius: tuple[float, float] = SCENE_RADIUS,
+        radius: tuple[float, float] = TOY_SCENE_RADIUS,
     ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split={split!r} is unknown; use one of {sorted(_SPLIT_CODES)}")
