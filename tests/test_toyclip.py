@@ -10,7 +10,7 @@ import torch
 
 import cisslib.toy.clip as tc
 from cisslib import cli
-from cisslib.data.toyworld import TOY_CLASSES, TOY_COLOURS, ToyWorld
+from cisslib.data.toyworld import TOY_CLASSES, TOY_COLOURS, ToyWorld, render_scene
 from cisslib.model.clip import WeightsError, clip_file_meta, load_clip
 from cisslib.toy import captions, recipe
 from cisslib.toy import pool as pool_mod
@@ -98,6 +98,28 @@ def test_render_pool_sections_and_determinism():
     assert (p1.levels == 0).all()
     for k in (0, 7):
         assert p1.label_sets[k] == [world.objects(k)[0].label]
+
+
+def test_single_anywhere_redraws_the_centre_of_the_first_share_of_single_objects():
+    pool = pool_mod.render_pool(_tiny(pool_size=20, single_anywhere=0.5))
+    base = pool_mod.render_pool(_tiny(pool_size=20, single_anywhere=0.0))
+    assert torch.equal(pool.images[10:], base.images[10:])  # the rest: the generator's draw
+    assert pool.label_sets == base.label_sets  # one object each, the same class
+    world = ToyWorld("pretrain", size=32, length=20, seed=0, single_object=True)
+    centres = []
+    for k in range(10):
+        obj = world.objects(k)[0]
+        assert 0.32 * 32 <= min(obj.cx, obj.cy) <= max(obj.cx, obj.cy) <= 0.68 * 32
+        where = np.random.Generator(np.random.Philox(np.random.SeedSequence([0, 37, k])))
+        cx, cy = (float(v) * 32 for v in where.uniform(0.05, 0.95, size=2))
+        moved = tc.dataclasses.replace(obj, cx=cx, cy=cy)
+        tex = np.random.Generator(np.random.Philox(np.random.SeedSequence([0, 31, k])))
+        image, label = render_scene([moved], 32, tex)
+        assert np.array_equal(pool.images[k].numpy(), image), k
+        assert not torch.equal(pool.images[k], base.images[k])
+        centres.append((cx, cy))
+    # the redrawn centres leave the generator's near-centre square: objects reach the border
+    assert sum(min(c) < 0.32 * 32 or max(c) > 0.68 * 32 for c in centres) >= 5
 
 
 def test_curriculum_levels_go_from_template_to_full_draw():
@@ -220,6 +242,8 @@ def test_config_validation_and_key():
         recipe.ToyClipConfig(image_size=30)
     with pytest.raises(ValueError, match="curriculum_levels"):
         recipe.ToyClipConfig(curriculum_levels=0)
+    with pytest.raises(ValueError, match=r"single_anywhere=1.5 must lie in \[0, 1\]"):
+        recipe.ToyClipConfig(single_anywhere=1.5)
     assert math.isclose(
         float(tc.new_tiny_clip(_tiny(logit_scale_init=50.0)).logit_scale.detach().exp()),
         50.0,

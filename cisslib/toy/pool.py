@@ -20,6 +20,9 @@ from cisslib.data.toyworld import _SHAPE_SCALE, TOY_CLASSES, ToyObject, ToyWorld
 from cisslib.toy.captions import label_set_id, random_caption
 from cisslib.toy.recipe import ToyClipConfig
 
+#: An "anywhere" single object's centre lies in [margin, 1 - margin] of the image side.
+ANYWHERE_MARGIN = 0.05
+
 
 def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB ``(B, H, W, 3)`` -> float ``(B, 3, H, W)`` normalised with OpenAI CLIP mean/std."""
@@ -60,7 +63,10 @@ def render_pool(cfg: ToyClipConfig) -> PretrainPool:
 
     Single objects and whole scenes are items ``0 ..`` of their ``image_size`` streams; crops are
     ``image_size`` windows (position from a Philox generator seeded with ``cfg.seed``) of
-    ``scene_size`` scenes, naming every class that covers ``min_crop_pixels`` pixels.
+    ``scene_size`` scenes, naming every class that covers ``min_crop_pixels`` pixels. The first
+    ``single_anywhere`` share of the single objects get a centre drawn uniformly over
+    ``[ANYWHERE_MARGIN, 1 - ANYWHERE_MARGIN]`` of the image (often cut by the border, as the
+    objects a segmenter's window sees) instead of the generator's near-centre draw.
     """
     s = cfg.image_size
     n_single, n_scene, n_crop = section_sizes(cfg.pool_size, cfg)
@@ -72,9 +78,14 @@ def render_pool(cfg: ToyClipConfig) -> PretrainPool:
     label_sets: list[list[int]] = []
     n_levels = cfg.curriculum_levels if cfg.curriculum_steps else 1
     levels = np.arange(n_single) % n_levels
+    n_anywhere = round(n_single * cfg.single_anywhere)
     for k in range(n_single):
         difficulty = levels[k] / (n_levels - 1) if n_levels > 1 else 1.0
         obj = _easier(single.objects(k)[0], difficulty, s)
+        if k < n_anywhere:
+            where = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 37, k])))
+            cx, cy = where.uniform(ANYWHERE_MARGIN, 1 - ANYWHERE_MARGIN, size=2) * s
+            obj = dataclasses.replace(obj, cx=float(cx), cy=float(cy))
         tex = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, 31, k])))
         images[k], lab = render_scene([obj], s, tex)
         label_sets.append([int(v) for v in np.unique(lab) if v != 0])

@@ -34,7 +34,7 @@ class ToyClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 16
-    steps: int = 2400  # ~3.7 min on 2 CPU cores
+    steps: int = 3600  # ~5.5 min on 2 CPU cores
     batch_size: int = 32  # small batches, many steps: learned shape faster than 128 x 600
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -46,6 +46,7 @@ class ToyClipConfig:
     curriculum_steps: int = 0  # single objects' difficulty ramps up (see render_pool)
     curriculum_levels: int = 5  # difficulty levels of the single-object images
     single_fraction: float = 1.0  # share of single-object images in the pool and in a batch
+    single_anywhere: float = 1.0  # share of those whose centre is redrawn anywhere (render_pool)
     crop_fraction: float = 0.0  # share of image_size crops of scene_size scenes; the rest: scenes
     scene_size: int = 64
     min_crop_pixels: int = 6  # a class is named in a crop's caption if it covers this many pixels
@@ -79,6 +80,10 @@ class ToyClipConfig:
             raise ValueError(
                 f"ToyClipConfig: single_fraction + crop_fraction = "
                 f"{self.single_fraction + self.crop_fraction} must lie in [0, 1]"
+            )
+        if not 0 <= self.single_anywhere <= 1:
+            raise ValueError(
+                f"ToyClipConfig.single_anywhere={self.single_anywhere} must lie in [0, 1]"
             )
         if self.curriculum_levels < 1 or self.curriculum_steps < 0:
             raise ValueError("ToyClipConfig: curriculum_levels must be >= 1, curriculum_steps >= 0")
