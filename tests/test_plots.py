@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_runs import write_fake_run, write_two_runs  # noqa: E402
 
 from cisslib import report as plots  # noqa: E402
+from cisslib.report.grid import curves_with_bands  # noqa: E402
 from cisslib.runs import TABLES  # noqa: E402
 
 
@@ -254,6 +255,21 @@ def test_a_one_step_run_is_a_level_in_the_all_classes_panel(tmp_path, runs):
     assert level.get_linestyle() == "--"
     np.testing.assert_allclose(level.get_ydata(), [55, 55])
     assert len(_data_lines(fig.axes[3])) == 3
+
+
+def test_a_preset_has_one_colour_in_the_curves_and_the_bands(tmp_path):
+    """The demo's runs are named after their presets: each is drawn in the same colour in the
+    forgetting curves and in the mean +- std bands, whatever order the folders come in."""
+    folders = [write_fake_run(tmp_path, p, run=p) for p in ("full", "finetune")]
+    d = plots.load_runs(folders)
+    curves = plots.forgetting_curves(d["summary"], "fg_only")
+    bands = curves_with_bands(d["summary"], "fg_only")
+    per_run = {ln.get_label(): ln.get_color() for ln in _data_lines(curves.axes[3])}
+    per_preset = {
+        ln.get_label().split(" (n=")[0]: ln.get_color() for ln in _data_lines(bands.axes[2])
+    }
+    assert set(per_run) == set(per_preset) == {"full", "finetune"}
+    assert per_run == per_preset and per_run["full"] != per_run["finetune"]
 
 
 def test_calibrated_tau_labels_the_with_bg_figures(tmp_path):
