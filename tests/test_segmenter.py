@@ -105,7 +105,9 @@ def test_sliding_bad_arguments(tiny_segmenter, tiny_text):
 @pytest.mark.parametrize("batch", [2, 3, 4, 100])
 def test_windows_in_batches_equal_one_at_a_time(tiny_segmenter, tiny_text, batch):
     """Two images, 2 x 3 = 6 windows of 32 x 32: the average, and every window's box and
-    presence as the callback sees them, are those of one window per forward (exactly, on CPU)."""
+    presence as the callback sees them, are those of one window per forward. Exactly on the AMD
+    EPYC machine of the speed work; an Intel Xeon's kernels round a batch's matrix products
+    differently in the last bits (measured: at most 1.2e-7 here), so within float32 rounding."""
     x = _img(48, 72, b=2, seed=3)
     seen = {1: [], batch: []}
 
@@ -114,10 +116,11 @@ def test_windows_in_batches_equal_one_at_a_time(tiny_segmenter, tiny_text, batch
 
     one = tiny_segmenter.sliding_scores(x, tiny_text, 32, 20, recorder(1))
     many = tiny_segmenter.sliding_scores(x, tiny_text, 32, 20, recorder(batch), window_batch=batch)
-    assert torch.equal(one, many)
+    torch.testing.assert_close(many, one, rtol=0, atol=1e-6)
     assert [b for b, _ in seen[1]] == [b for b, _ in seen[batch]] and len(seen[1]) == 6
     for (_, p1), (_, pb) in zip(seen[1], seen[batch], strict=True):
-        assert p1.shape == (2, 5) and torch.equal(p1, pb)
+        assert p1.shape == (2, 5)
+        torch.testing.assert_close(pb, p1, rtol=0, atol=1e-6)
     # each window's scores are the forward of that crop alone
     crop = tiny_segmenter.score_maps(x[:, :, :32, :32], tiny_text)
     assert torch.allclose(many[:, :, :16, :16], crop[:, :, :16, :16], atol=1e-6)
