@@ -86,6 +86,9 @@ def _missing_note(df: pd.DataFrame, what: str) -> str | None:
 
 
 def _colors(keys: Sequence[str]) -> dict[str, tuple]:
+    """One colour per key, given in sorted order: a run (or a preset, for the demo's runs named
+    after theirs) has the same colour in every figure, whatever order its rows come in."""
+    keys = sorted(set(keys))
     palette = sns.color_palette("tab10", n_colors=max(len(keys), 1))
     return dict(zip(keys, palette, strict=False))
 

@@ -173,11 +173,9 @@ def curves_with_bands(
     convention: str = "fg_only",
     metrics: Sequence[str] = ("mIoU_old", "mIoU_new", "mIoU"),
 ) -> Figure:
-    """Mean over the runs of each preset per step, shaded +- one std (percent). Presets take
-    colours in sorted order, as the runs of :func:`~cisslib.report.figures.forgetting_curves` do,
-    so a report whose runs are named after their presets (the demo's) colours each alike."""
+    """Mean over the runs of each preset per step, shaded +- one std (percent)."""
     s = summary[summary["convention"] == convention]
-    presets = sorted(set(s["preset"]))
+    presets = list(dict.fromkeys(s["preset"]))
     colors = _colors(presets)
     fig, axes = _figure(len(metrics))
     for ax, metric in zip(axes[0], metrics, strict=True):
