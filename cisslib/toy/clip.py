@@ -37,7 +37,7 @@ from cisslib.model.clip import save_clip
 from cisslib.toy.captions import ZERO_SHOT_TEMPLATE
 from cisslib.toy.pool import make_batch, normalize_images, render_pool
 from cisslib.toy.recipe import ToyClipConfig, model_cfg
-from cisslib.toy.shipped import expand, read_shipped, write_shipped
+from cisslib.toy.shipped import expand, read_shipped, state_digest, write_shipped
 
 log = logging.getLogger("cisslib")
 
@@ -92,8 +92,11 @@ def _optimizer(model: torch.nn.Module, cfg: ToyClipConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _train(cfg: ToyClipConfig, progress: bool) -> tuple[open_clip.model.CLIP, float, float]:
-    """Train a tiny CLIP from scratch: ``(model in eval mode, final loss, seconds)``."""
+def _train(
+    cfg: ToyClipConfig, progress: bool, stop_after: int | None = None
+) -> tuple[open_clip.model.CLIP, float, float]:
+    """Train a tiny CLIP from scratch: ``(model in eval mode, final loss, seconds)``.
+    ``stop_after``: leave the loop after that many steps of the ``cfg.steps`` schedule."""
     t0 = time.perf_counter()
     tokenizer = SimpleTokenizer(context_length=cfg.context_length)
     torch.manual_seed(cfg.seed)
@@ -102,7 +105,8 @@ def _train(cfg: ToyClipConfig, progress: bool) -> tuple[open_clip.model.CLIP, fl
     opt = _optimizer(model, cfg)
     pool = render_pool(cfg)
     log.info("tiny CLIP: rendered %d images (%.0f s)", cfg.pool_size, time.perf_counter() - t0)
-    bar = tqdm(range(cfg.steps), desc="tiny CLIP", disable=not progress, leave=False)
+    steps = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(steps), desc="tiny CLIP", disable=not progress, leave=False)
     loss_value = float("nan")
     for step in bar:
         warm = (step + 1) / max(1, cfg.warmup)
@@ -152,6 +156,9 @@ def _meta(cfg: ToyClipConfig, accuracy: float, final_loss: float, seconds: float
 #: The default recipe's weights ship with cisslib (:mod:`cisslib.toy.shipped`), named by its config
 #: key, so that a run or the demo need not pretrain: the first use rebuilds them into the cache.
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+#: Steps of the default recipe whose weights' digest the shipped file records
+#: (:func:`prefix_digest`): the test suite retrains that far (under a minute), not the whole recipe.
+PREFIX_STEPS = 200
 
 
 def checkpoint_path(cfg: ToyClipConfig, cache_dir: str | Path | None = None) -> Path:
@@ -225,9 +232,19 @@ def write_shipped_weights(path: str | Path, cfg: ToyClipConfig | None = None) ->
     cfg = cfg or ToyClipConfig()
     out = SHIPPED_DIR / f"{cfg.key()}.pt"
     obj = torch.load(path, map_location="cpu", weights_only=True)
+    meta = {**obj.get("meta", {}), "prefix": {"steps": PREFIX_STEPS, "digest": prefix_digest(cfg)}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_shipped(out, obj["state_dict"], initial_state(cfg), obj["model_cfg"], obj.get("meta", {}))
+    write_shipped(out, obj["state_dict"], initial_state(cfg), obj["model_cfg"], meta)
     return out
+
+
+def prefix_digest(cfg: ToyClipConfig, steps: int = PREFIX_STEPS) -> str:
+    """:func:`~cisslib.toy.shipped.state_digest` of the weights after the first ``steps`` steps of
+    pretraining ``cfg`` (its schedule unchanged): what the shipped file records so that a short
+    run checks the recipe still reproduces here (the global RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]), _deterministic(cfg.threads):
+        model = _train(cfg, progress=False, stop_after=steps)[0]
+    return state_digest(model.state_dict())
 
 
 def shipped_difference(path: str | Path, cfg: ToyClipConfig | None = None) -> float | None:

@@ -34,14 +34,14 @@ class ToyClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 16
-    steps: int = 3600  # ~5.5 min on 2 CPU cores
+    steps: int = 9000  # ~21 min on 1 CPU core (README, "The embedded toy world")
     batch_size: int = 32  # small batches, many steps: learned shape faster than 128 x 600
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 100
     logit_scale_init: float = 30.0  # initial exp(logit_scale) (learnable, clamped to 100)
     seed: int = 0
-    threads: int = 2  # fixed torch thread count (results depend on it)
+    threads: int = 1  # fixed torch thread count (results depend on it)
     pool_size: int = 16384  # images rendered once per run; every batch samples from them
     curriculum_steps: int = 0  # single objects' difficulty ramps up (see render_pool)
     curriculum_levels: int = 5  # difficulty levels of the single-object images

@@ -28,6 +28,16 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
+def state_digest(state: dict) -> str:
+    """sha256 (hex) over a state dict's names, shapes and float32 bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def compact(state: dict, init: dict) -> dict:
     """``state`` without the token-embedding rows equal to ``init``'s: ``{"state_dict": every
     other tensor, "token_rows": (R,) int64, "token_values": (R, W), "token_digest": str}``."""
