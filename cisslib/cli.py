@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="pretrain now into the cache (about 6 minutes) and compare with the shipped weights",
+        help="pretrain now into the cache (about 21 minutes on one core), compare with the shipped",
     )
     p.add_argument(
         "--write-shipped",
