@@ -23,9 +23,14 @@ SHIPPED_FORMAT = "cisslib-toyclip-shipped"
 TOKEN_KEY = "token_embedding.weight"
 
 
+def _float32_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's values as float32, row-major."""
+    return t.detach().cpu().float().contiguous().numpy().tobytes()
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 (hex) of a tensor's float32 bytes, row-major."""
-    return hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_float32_bytes(t)).hexdigest()
 
 
 def state_digest(state: dict) -> str:
@@ -34,7 +39,7 @@ def state_digest(state: dict) -> str:
     for name in sorted(state):
         t = state[name]
         h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(_float32_bytes(t))
     return h.hexdigest()
 
 
