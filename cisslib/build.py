@@ -303,6 +303,13 @@ def step_schedule(cfg: Config, step: int) -> StepSchedule:
     return cfg.train.base if step == 0 else cfg.train.incremental
 
 
+def run_iterations(cfg: Config) -> int:
+    """Training iterations of a whole run: every step's schedule, summed."""
+    k, base, inc = parse_setting(cfg.scenario.dataset, scenario_setting(cfg.scenario))
+    n_steps = Scenario(num_classes=k, base=base, increment=inc).n_steps
+    return sum(step_schedule(cfg, step).iters for step in range(n_steps))
+
+
 def joint_iterations(cfg: Config) -> int:
     """``train.base.iters + n_incremental_steps * train.incremental.iters`` of the setting.
 

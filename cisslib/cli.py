@@ -162,10 +162,19 @@ def cmd_toy_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(text: str) -> int | None:
+    """``--jobs``: ``auto`` (None) or a number >= 1."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a number of runs >= 1")
+    return int(text)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = paths.in_project(args.out)
     setup_logging(None)  # the demo's own lines (tiny CLIP, each run done) reach the console
-    report = run_demo(out, params=_params_path(args.params), overrides=args.set)
+    report = run_demo(out, params=_params_path(args.params), overrides=args.set, jobs=args.jobs)
     print(report)
     return 0
 
@@ -279,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--params", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="runs side by side (default auto: one per CPU core for the toy CLIP, one on CUDA)",
+    )
     p.set_defaults(func=cmd_demo)
 
     every = ["full", "finetune", "joint", "no_gpd", "no_qd", "no_cacp", "zero_shot",

@@ -4,20 +4,30 @@ x class orders with their aggregated results document (``cisslib grid``, ``cissl
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
+import torch
 import yaml
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cisslib.api import run
-from cisslib.build import joint_iterations
-from cisslib.config import from_dict, load_config
+from cisslib.build import joint_iterations, run_iterations
+from cisslib.config import Config, from_dict, load_config
+from cisslib.engine.runtime import TINY_MODEL_PARAMS, available_cores, plan_threads
 from cisslib.files import atomic_write_text
 from cisslib.protocol import Scenario, parse_setting, scenario_setting
 from cisslib.report import grid
 from cisslib.report.workbook import build_report
-from cisslib.runs import RunDir, read_table
+from cisslib.runs import RunDir, read_table, tag_console
+from cisslib.session import SESSION_ENV, relay_bars, show_bar
 from cisslib.toy.clip import pretrain_tiny_clip
 
 log = logging.getLogger("cisslib")
@@ -27,9 +37,30 @@ log = logging.getLogger("cisslib")
 DEMO_PRESETS = ("full", "finetune", "joint")
 
 
-def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
-    """Load (or pretrain) the tiny CLIP; run the full method, fine-tuning and joint training;
-    write a report.
+def demo_jobs(cfg: Config) -> int:
+    """How many of the demo's runs go side by side under ``--jobs auto``.
+
+    On CUDA one (the runs would share the GPU). On CPU one run per core its thread plan leaves
+    (the toy CLIP's runs use one intra-op thread each, :func:`plan_threads`; another model
+    counts as large), at most one per run: on 2 cores the demo takes about 40% less wall time.
+    A run's numbers do not depend on the process it runs in.
+    """
+    device = cfg.run.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    toy = cfg.model.clip.pretrained == "toy"
+    plan = plan_threads(
+        cfg.run.threads, model_params=0 if toy else TINY_MODEL_PARAMS, workers=0,
+        device_type="cpu",
+    )  # fmt: skip
+    return max(1, min(len(DEMO_PRESETS), available_cores() // plan.threads))
+
+
+def run_demo(
+    out: Path, params: Path, overrides: Sequence[str] = (), jobs: int | None = None
+) -> Path:
+    """Load (or pretrain) the tiny CLIP; run the full method, fine-tuning and joint training,
+    ``jobs`` of them side by side (``None``: :func:`demo_jobs`); write a report.
 
     Returns the path of ``<out>/report.html``. Existing complete runs in ``out`` are reused
     (resume), so a second call only rebuilds the report.
@@ -38,23 +69,100 @@ def run_demo(out: Path, params: Path, overrides: Sequence[str] = ()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     pretrain_tiny_clip(progress=True)
     log.info("demo: tiny CLIP ready after %.0f s", time.perf_counter() - t0)
+    cfgs = {p: load_config(params, [*overrides, f"run.preset={p}"]) for p in DEMO_PRESETS}
+    jobs = demo_jobs(cfgs["full"]) if jobs is None else max(1, int(jobs))
     runs = []
-    for preset in DEMO_PRESETS:
-        run_dir = out / preset
-        runs.append(
-            run(
-                params,
-                overrides=[*overrides, f"run.preset={preset}"],
-                out=run_dir,
-                resume=(run_dir / "config.yaml").is_file(),
-            )
-        )
-        log.info("demo: %s done after %.0f s", preset, time.perf_counter() - t0)
+    if jobs == 1:
+        for preset in DEMO_PRESETS:
+            runs.append(_demo_run(params, overrides, out, preset))
+            log.info("demo: %s done after %.0f s", preset, time.perf_counter() - t0)
+    else:
+        runs = _demo_side_by_side(params, overrides, out, cfgs, jobs, t0)
     report = build_report(
         runs, out / "report.html", title="cisslib demo: full method vs fine-tuning vs joint"
     )
     log.info("demo: report %s after %.0f s", report, time.perf_counter() - t0)
     return report
+
+
+def _demo_run(params: Path, overrides: Sequence[str], out: Path, preset: str) -> Path:
+    run_dir = out / preset
+    resume = (run_dir / "config.yaml").is_file()
+    return run(params, overrides=[*overrides, f"run.preset={preset}"], out=run_dir, resume=resume)
+
+
+def _demo_child_init(queue: Any, session: str) -> None:
+    """A side-by-side demo process: it is watched as its parent is (bars relayed to the parent's
+    queue, or tagged lines in batch)."""
+    os.environ[SESSION_ENV] = session
+    _child["queue"] = queue
+
+
+_child: dict[str, Any] = {}
+
+
+def _demo_child(params: Path, overrides: Sequence[str], out: Path, preset: str) -> Path:
+    relay_bars(_child["queue"], preset)
+    tag_console(preset)
+    return _demo_run(params, overrides, out, preset)
+
+
+def _demo_side_by_side(
+    params: Path,
+    overrides: Sequence[str],
+    out: Path,
+    cfgs: dict[str, Config],
+    jobs: int,
+    t0: float,
+) -> list[Path]:
+    """The demo's runs in ``jobs`` spawned processes; one bar over every run's iterations where
+    a person watches (the runs' lines are in their log.txt), else the runs' lines tagged with
+    their preset."""
+    totals = {p: run_iterations(c) for p, c in cfgs.items()}
+    bars = show_bar(cfgs["full"].run.progress)
+    log.info("demo: %s side by side, %d at a time", ", ".join(DEMO_PRESETS), jobs)
+    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
+    queue = ctx.Queue()
+    done = dict.fromkeys(DEMO_PRESETS, 0)
+    runs: dict[str, Path] = {}
+    bar = tqdm(total=sum(totals.values()), desc="demo", disable=not bars, dynamic_ncols=True)
+    pool = ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_demo_child_init,
+        initargs=(queue, "terminal" if bars else "batch"),
+    )  # fmt: skip
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            futures = {pool.submit(_demo_child, params, overrides, out, p): p for p in DEMO_PRESETS}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(queue, done, bar)
+                for future in finished:
+                    preset = futures[future]
+                    runs[preset] = future.result()  # a run's error stops the demo here
+                    bar.update(totals[preset] - done[preset])  # complete steps a resume skipped
+                    done[preset] = totals[preset]
+                    log.info("demo: %s done after %.0f s", preset, time.perf_counter() - t0)
+                bar.set_postfix_str(
+                    " ".join(f"{p} {100 * done[p] // max(1, totals[p])}%" for p in DEMO_PRESETS)
+                )
+    finally:
+        # after an error or Ctrl-C no queued run starts; a running one ends at its own error or
+        # interrupt (Ctrl-C reaches the whole process group) and leaves a resumable folder
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return [runs[p] for p in DEMO_PRESETS]
+
+
+def _drain(queue: Any, done: dict[str, int], bar) -> None:
+    """Count every relayed update on ``queue`` into ``done`` and ``bar``."""
+    while True:
+        try:
+            preset, n = queue.get_nowait()
+        except Empty:
+            return
+        done[preset] += n
+        bar.update(n)
 
 
 def grid_cells(

@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 LOGGER_NAME = "cisslib"
+#: The time format of every log line (log.txt and the console).
+DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 #: The run folder's tidy tables and their columns (``RunDir.table(name)`` gives the path).
 TABLES: dict[str, tuple[str, ...]] = {
@@ -358,6 +360,17 @@ class _LogFile(logging.FileHandler):
         )
 
 
+#: Written before every console line of this process (``tag_console``): which run speaks when
+#: several print to one console (the demo's runs side by side). log.txt lines carry no tag.
+_console_tag = ""
+
+
+def tag_console(tag: str) -> None:
+    """Start this process's console lines with ``[tag]`` (from the next :func:`setup_logging`)."""
+    global _console_tag
+    _console_tag = f"[{tag}] " if tag else ""
+
+
 def setup_logging(
     log_file: Path | None, to_console: bool = True, console_details: bool = False
 ) -> logging.Logger:
@@ -376,7 +389,7 @@ def setup_logging(
             logger.removeHandler(h)
             h.close()
             pending += getattr(h, "records", [])
-    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt=DATEFMT)
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +405,8 @@ def setup_logging(
     logger.addHandler(fh)
     if to_console:
         sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
+        tag = _console_tag.replace("%", "%%")
+        sh.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(message)s", datefmt=DATEFMT))
         if not console_details:
             sh.addFilter(_not_detail)
         sh._cisslib = True  # type: ignore[attr-defined]

@@ -11,15 +11,25 @@ One answer for the progress display (:mod:`cisslib.engine.runner`) and for widge
   evaluation, no bars, no widgets (static figures instead).
 
 ``CISSLIB_SESSION=terminal|notebook|batch`` overrides the detection.
+
+A run in a child process whose parent draws the bar (the demo's runs side by side,
+:mod:`cisslib.jobs`) relays its step bars to the parent: :func:`relay_bars` in the child, then
+:func:`step_bar` returns a :class:`RelayBar` that puts ``(tag, n)`` on the parent's queue.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
+
+from tqdm.auto import tqdm
 
 SESSION_ENV = "CISSLIB_SESSION"
 SESSIONS = ("terminal", "notebook", "batch")
+
+#: ``(queue, tag)`` in a process whose step bars go to its parent (:func:`relay_bars`).
+_relay: tuple[Any, str] | None = None
 
 
 def _kernel():
@@ -63,3 +73,40 @@ def log_to_console(progress: str) -> bool:
     """Whether step and evaluation lines also go to stderr: always, except under a terminal bar
     (the lines would tear it; they are in log.txt). A notebook shows them below its bar."""
     return not (show_bar(progress) and session_kind() == "terminal")
+
+
+def relay_bars(queue: Any, tag: str) -> None:
+    """From now on this process's step bars put ``(tag, iterations)`` on ``queue`` (a
+    multiprocessing queue its parent drains into one bar) instead of drawing."""
+    global _relay
+    _relay = (queue, tag)
+
+
+def relayed() -> bool:
+    """True in a process whose step bars go to its parent: it draws no bar of its own."""
+    return _relay is not None
+
+
+class RelayBar:
+    """The part of a tqdm bar the runner uses, sending each update to the parent's queue."""
+
+    def __init__(self, queue: Any, tag: str, initial: int) -> None:
+        self.queue, self.tag = queue, tag
+        if initial:
+            self.queue.put((tag, initial))  # a resumed step: the parent counts what was done
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put((self.tag, n))
+
+    def set_postfix(self, **_: Any) -> None:  # the parent's bar shows the runs, not the loss
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def step_bar(total: int, initial: int, desc: str):
+    """The bar of one training step: tqdm (terminal or notebook), or a :class:`RelayBar`."""
+    if _relay is not None:
+        return RelayBar(*_relay, initial=initial)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)

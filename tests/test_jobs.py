@@ -61,3 +61,79 @@ def test_joint_preset_trains_for_an_incremental_runs_total_from_every_entry_poin
         assert (sched.iters, sched.lr) == (total, 3e-4)
         plain = load_config(PARAMS / f"{params}.yaml", over)  # not joint: the base schedule
         assert step_schedule(plain, 0).iters == 100 and step_schedule(plain, 1).iters == 7
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    """A project root whose ``params/demo.yaml`` is the smoke scenario (seconds per run)."""
+    home = tmp_path_factory.mktemp("demo-home")
+    (home / "params").mkdir()
+    smoke = (PARAMS / "smoke.yaml").read_text()
+    (home / "params" / "demo.yaml").write_text(smoke.replace("  progress: log\n", ""))
+    return home
+
+
+def _summaries(out: Path) -> dict[str, pd.DataFrame]:
+    from cisslib.jobs import DEMO_PRESETS
+    from cisslib.runs import RunDir
+
+    cols = ["step", "convention", "mIoU", "mIoU_base", "mIoU_novel", "mIoU_old", "mIoU_new"]
+    return {p: pd.read_csv(RunDir(out / p).table("summary"))[cols] for p in DEMO_PRESETS}
+
+
+def test_demo_side_by_side_gives_the_sequential_numbers_and_one_bar(demo_home, capfd):
+    """Two spawned processes give every run's metrics exactly as one process does; a person at
+    a terminal sees one demo bar reaching every run's iterations (relayed from the runs, whose
+    own lines stay in their log.txt); in batch each run's lines carry its preset."""
+    from cisslib.build import run_iterations
+    from cisslib.config import load_config
+    from cisslib.jobs import DEMO_PRESETS, run_demo
+
+    params = demo_home / "params" / "demo.yaml"
+    total = sum(run_iterations(load_config(params, [f"run.preset={p}"])) for p in DEMO_PRESETS)
+    assert total == 2 * (8 + 8) + 16  # two 15-5 runs of 8 + 8, joint 8 + 8 in one step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CISSLIB_HOME", str(demo_home))
+        mp.setenv("CISSLIB_SESSION", "batch")
+        run_demo(demo_home / "one", params, jobs=1)
+        capfd.readouterr()
+        run_demo(demo_home / "two", params, jobs=2)
+        batch = capfd.readouterr().err
+        mp.setenv("CISSLIB_SESSION", "terminal")
+        report = run_demo(demo_home / "bar", params, jobs=2)
+        terminal = capfd.readouterr().err
+    one, two, bar = (_summaries(demo_home / d) for d in ("one", "two", "bar"))
+    for preset in DEMO_PRESETS:
+        pd.testing.assert_frame_equal(one[preset], two[preset])
+        pd.testing.assert_frame_equal(one[preset], bar[preset])
+    assert len(one["full"]) == 4 and len(one["joint"]) == 2  # 2 steps / 1 step x 2 conventions
+    assert "[full] " in batch and "[finetune] " in batch and "[joint] " in batch
+    assert "eval step 1 fg_only" in batch
+    assert f"{total}/{total}" in terminal and "demo" in terminal
+    assert "[full] " not in terminal and "eval step 1 fg_only" not in terminal
+    assert "eval step 1 fg_only" in (demo_home / "bar" / "full" / "log.txt").read_text()
+    assert report.is_file()
+
+
+def test_a_relayed_bar_counts_a_resumed_steps_done_iterations():
+    import io
+    import multiprocessing
+    import time
+
+    from tqdm import tqdm
+
+    from cisslib.jobs import _drain
+    from cisslib.session import RelayBar
+
+    queue = multiprocessing.get_context("spawn").Queue()
+    relay = RelayBar(queue, "full", initial=3)  # resumed at iteration 3
+    relay.update()
+    relay.update(2)
+    done = {"full": 0, "joint": 0}
+    with tqdm(total=10, file=io.StringIO()) as bar:
+        for _ in range(50):  # the queue's feeder thread delivers asynchronously
+            _drain(queue, done, bar)
+            if done["full"] == 6:
+                break
+            time.sleep(0.02)
+        assert done == {"full": 6, "joint": 0} and bar.n == 6

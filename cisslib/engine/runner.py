@@ -25,7 +25,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cisslib import build
 from cisslib.config import Config, ConfigError, save_config, to_dict
@@ -70,7 +69,7 @@ from cisslib.runs import (
     run_meta,
     setup_logging,
 )
-from cisslib.session import log_to_console, show_bar
+from cisslib.session import log_to_console, relayed, show_bar, step_bar
 
 log = logging.getLogger("cisslib")
 
@@ -105,7 +104,7 @@ class Runner:
         if main:
             setup_logging(None, to_console=log_to_console(cfg.run.progress))  # log.txt: at start
         seed_everything(cfg.run.seed)
-        data = build.build_run_data(cfg, progress=self.bar)
+        data = build.build_run_data(cfg, progress=self.bar and not relayed())
         self.train_source, self.val_source = data.train_source, data.val_source
         self.scenario, self.class_names, self.membership = (
             data.scenario,
@@ -254,7 +253,7 @@ class Runner:
         )  # fmt: skip
         bar = None
         if self.bar:
-            bar = tqdm(total=sched.iters, initial=start, desc=f"step {step}", dynamic_ncols=True)
+            bar = step_bar(total=sched.iters, initial=start, desc=f"step {step}")
         callbacks = self._callbacks(
             step, trainer, start, sched.iters, opt, lr_sched, scaler, best, bar
         )
