@@ -162,6 +162,16 @@ def cmd_toy_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What continues the work of a command after Ctrl-C (said on the interrupt's line).
+_AFTER_INTERRUPT = {
+    "run": "; continue with --resume",
+    **dict.fromkeys(
+        ("demo", "grid", "table"),
+        "; the same command again continues (complete runs are kept, interrupted ones resume)",
+    ),
+}
+
+
 def _jobs(text: str) -> int | None:
     """``--jobs``: ``auto`` (None) or a number >= 1."""
     if text == "auto":
@@ -347,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"cisslib {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        print(f"cisslib {args.command}: interrupted{_AFTER_INTERRUPT.get(args.command, '')}",
+              file=sys.stderr)  # fmt: skip
         return 130
     except Exception as e:
         # the traceback is in the run's log.txt when the run had started (cisslib.api.run) and

@@ -132,13 +132,15 @@ def _demo_side_by_side(
     )  # fmt: skip
     try:
         with logging_redirect_tqdm(loggers=[log]):
-            futures = {pool.submit(_demo_child, params, overrides, out, p): p for p in DEMO_PRESETS}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            queued, futures = list(DEMO_PRESETS), {}
+            while queued or futures:
+                while queued and len(futures) < jobs:  # none waits in the pool: after Ctrl-C
+                    preset = queued.pop(0)  # or an error, no further run starts
+                    futures[pool.submit(_demo_child, params, overrides, out, preset)] = preset
+                finished, _ = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
                 _drain(queue, done, bar)
                 for future in finished:
-                    preset = futures[future]
+                    preset = futures.pop(future)
                     runs[preset] = future.result()  # a run's error stops the demo here
                     bar.update(totals[preset] - done[preset])  # complete steps a resume skipped
                     done[preset] = totals[preset]
@@ -147,8 +149,8 @@ def _demo_side_by_side(
                     " ".join(f"{p} {100 * done[p] // max(1, totals[p])}%" for p in DEMO_PRESETS)
                 )
     finally:
-        # after an error or Ctrl-C no queued run starts; a running one ends at its own error or
-        # interrupt (Ctrl-C reaches the whole process group) and leaves a resumable folder
+        # a running run ends at its own error or interrupt (Ctrl-C reaches the whole process
+        # group) and leaves a folder the next demo resumes
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return [runs[p] for p in DEMO_PRESETS]
