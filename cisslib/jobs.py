@@ -49,11 +49,12 @@ def demo_jobs(cfg: Config) -> int:
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return 1
     toy = cfg.model.clip.pretrained == "toy"
+    cores = available_cores()
     plan = plan_threads(
         cfg.run.threads, model_params=0 if toy else TINY_MODEL_PARAMS, workers=0,
-        device_type="cpu",
+        device_type="cpu", cores=cores,
     )  # fmt: skip
-    return max(1, min(len(DEMO_PRESETS), available_cores() // plan.threads))
+    return max(1, min(len(DEMO_PRESETS), cores // plan.threads))
 
 
 def run_demo(

@@ -137,3 +137,29 @@ def test_a_relayed_bar_counts_a_resumed_steps_done_iterations():
                 break
             time.sleep(0.02)
         assert done == {"full": 6, "joint": 0} and bar.n == 6
+
+
+def test_demo_jobs_one_run_per_core_its_threads_leave(monkeypatch):
+    """Toy CLIP on CPU: one run per core (one thread each), at most the 3 runs; two threads a
+    run halve that; another CLIP counts as large (torch's threads); CUDA: one at a time."""
+    import cisslib.jobs as jobs
+    from cisslib.config import load_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    demo = load_config(PARAMS / "demo.yaml", ["run.device=cpu"])
+    for cores, expected in ((1, 1), (2, 2), (16, 3)):
+        monkeypatch.setattr(jobs, "available_cores", lambda c=cores: c)
+        assert jobs.demo_jobs(demo) == expected
+    monkeypatch.setattr(jobs, "available_cores", lambda: 4)
+    two = load_config(PARAMS / "demo.yaml", ["run.device=cpu", "run.threads=2"])
+    assert jobs.demo_jobs(two) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice counts
+    assert jobs.demo_jobs(demo) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("cisslib.engine.runtime.TORCH_DEFAULT_THREADS", 4)
+    other = load_config(PARAMS / "smoke.yaml", ["run.device=cpu"])  # not the toy CLIP
+    assert jobs.demo_jobs(other) == 1  # 4 threads on 4 cores
+    monkeypatch.setattr(jobs, "available_cores", lambda: 8)
+    assert jobs.demo_jobs(other) == 2
+    demo.run.device = "cuda"
+    assert jobs.demo_jobs(demo) == 1
